@@ -1,0 +1,37 @@
+"""megatron-medmoe: a Megatron-style trainer for Post-MoE language-family expert models."""
+from setuptools import find_packages, setup
+
+# On CPU machines install torch==2.13.0 first (see Makefile): any other version or an open range
+# pulls GBs of CUDA packages. The range below is satisfied by that wheel and by GPU builds alike.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "megatron-core==0.16.1",
+    "psutil",  # megatron-core's dist_checkpointing imports it
+    "numpy",
+    "pyyaml",
+    "transformers>=4.45",
+    "tokenizers",
+    "safetensors",
+]
+
+EXTRAS = {
+    "test": ["pytest>=7", "pytest-timeout"],
+    "slurm": ["submitit>=1.5"],
+    "mpi": ["mpi4py>=3.1"],
+    "dali": ["nvidia-dali-cuda120"],
+    "wandb": ["wandb", "tensorboard"],
+    # TransformerEngine must match the node's CUDA and torch; NVIDIA's PyTorch images ship it and apex.
+    "gpu": ["transformer-engine[pytorch]>=2.2"],
+}
+
+setup(
+    name="megatron-medmoe",
+    version="0.1.0",
+    description="Distributed trainer for multilingual medical Post-MoE language-family expert models",
+    packages=find_packages(include=["megatron_medmoe", "megatron_medmoe.*"]),
+    package_data={"megatron_medmoe": ["languages/*.yaml"]},
+    python_requires=">=3.10,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["medmoe=megatron_medmoe.cli:main"]},
+)
