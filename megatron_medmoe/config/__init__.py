@@ -1,0 +1,19 @@
+"""Typed configuration: dataclasses, YAML recipes with key=value overrides, validation at load."""
+from .load import ConfigError, config_to_dict, dump_config, load_config
+from .schema import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainingConfig,
+)
+from .validate import padded_vocab_size, resolve_config, world_size_of
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
+    "ParallelConfig", "RunConfig", "TrainingConfig", "config_to_dict", "dump_config", "load_config",
+    "padded_vocab_size", "resolve_config", "world_size_of",
+]

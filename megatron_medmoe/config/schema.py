@@ -1,0 +1,118 @@
+"""The typed configuration: the only definition of every option a run has.
+
+YAML recipes, `key=value` overrides, the resolved `run_config.yaml` and the docs all follow these
+dataclasses. Field comments are the documentation (docs/configuration.md is generated from them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176  # SwiGLU intermediate size of the dense MLP (and of each expert)
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # key/value heads (grouped-query attention)
+    vocab_size: Optional[int] = None  # null: the tokenizer's size (data.tokenizer)
+    make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (layout-independent)
+    max_position_embeddings: int = 32768
+    rotary_base: float = 1000000.0
+    norm_epsilon: float = 1e-6
+    tie_embeddings: bool = False  # share input embedding and output layer (Qwen2-0.5B does)
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # auto: TransformerEngine layers when transformer_engine imports (and a GPU is present), else local
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+
+
+@dataclass
+class MoEConfig:
+    moe_last_n: int = 2  # the last N decoder layers are MoE, earlier layers dense; 0 = a dense model
+    # hybrid: training forces each token's family expert into its top-k, eval is plain top-k;
+    # topk: plain top-k always (no language ids); hard: only the family expert, weight 1
+    routing: Literal["hybrid", "topk", "hard"] = "hybrid"
+    topk: int = 2
+    expert_ffn_hidden_size: Optional[int] = None  # null: model.ffn_hidden_size (experts copy the dense MLP)
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    grouped_gemm: bool = False  # TransformerEngine grouped GEMM for experts (GPU)
+    aux_loss_coeff: float = 0.0  # switch-style load-balancing loss; 0 in the released recipe
+    z_loss_coeff: float = 0.0  # router z-loss; 0 = off
+    # expert slots over the expert-parallel ranks; null = the number of experts. parallel.expert must divide
+    # it: 7 families on 2, 4 or 8 ranks need 8 slots (one padding slot: frozen, never routed to, not saved)
+    expert_slots: Optional[int] = None
+    expert_placement: Optional[List[int]] = None  # the slot of each expert; null = expert i in slot i
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    expert: int = 1
+    expert_tensor: Optional[int] = None  # tensor parallelism inside experts; null: same as `tensor`
+    # data-parallel size; null: the launcher's world size / (tensor x pipeline), or the smallest size
+    # the expert layout allows when `medmoe train` starts its own workers
+    data: Optional[int] = None
+    sequence_parallel: Optional[bool] = None  # null: on whenever tensor > 1 (MoE with TP requires it)
+    # gloo on CPU; nccl when GPUs are present
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 300
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_steps: int = 20
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_steps: Optional[int] = None  # null: train_steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 = off
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Literal["uniform", "block"] = "uniform"  # for full recomputation
+    recompute_num_layers: int = 1  # for full recomputation
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # for selective
+
+
+@dataclass
+class DataConfig:
+    paths: List[str] = field(default_factory=list)  # JSONL files or globs, one {"text", "lang"} per line
+    tokenizer: str = "examples/tokenizer"  # a Hugging Face tokenizer directory
+    seq_length: int = 128  # tokens per packed row
+    language_table: str = "families"  # `families`, `languages12` or a path to your own table
+    language_field: str = "lang"
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    output_dir: str = "runs/tiny"  # the resolved config and the metrics log go here
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory for torch_dist checkpoints; null = no saving
+    save_interval: Optional[int] = None  # save every N steps; the final step is always saved when `save` is set
+    load: Optional[str] = None  # a checkpoint directory (or a parent of iter_* directories) to start from
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

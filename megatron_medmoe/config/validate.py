@@ -1,0 +1,212 @@
+"""Validate a RunConfig once, at load, and fill in the fields that are derived from others.
+
+`resolve_config` returns the resolved config (what is printed and saved beside every run) or raises a
+ConfigError listing every broken rule with the field that breaks it and what to do instead.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+from typing import List, Optional
+
+from ..languages import LanguageTableError, load_registry
+from ..model.placement import placement_problem
+from .load import ConfigError
+from .schema import RunConfig
+
+# megatron-core's selective-recompute module names (TransformerConfig.recompute_modules)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Vocabulary rounded up to a multiple of `divisible_by`; independent of the parallel layout so
+    that checkpoints reshard freely (the padded rows are stripped on export)."""
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+
+
+def smallest_data_parallel(tensor: int, expert: int, expert_tensor: int) -> int:
+    """The smallest data-parallel size for which the expert grid (expert_tensor x expert) tiles the
+    dense grid (tensor x data) of each pipeline stage, as megatron-core requires."""
+    grid = expert * expert_tensor
+    return grid // math.gcd(grid, tensor)
+
+
+def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool = True) -> RunConfig:
+    """Check every rule and return a copy with derived fields filled in.
+
+    world_size: the launcher's world size (torchrun/srun/mpirun); None when `medmoe train` will start
+    its own workers, in which case the world size follows from the layout.
+    """
+    cfg = copy.deepcopy(cfg)
+    problems: List[str] = []
+    m, moe, par, tr, data = cfg.model, cfg.moe, cfg.parallel, cfg.training, cfg.data
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            problems.append(msg)
+
+    # --- model shape
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "make_vocab_size_divisible_by", "max_position_embeddings"):
+        need(getattr(m, name) >= 1, f"model.{name}: must be at least 1, got {getattr(m, name)}")
+    if problems:
+        raise ConfigError(problems)
+    need(m.hidden_size % m.num_attention_heads == 0,
+         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
+    need(m.num_attention_heads % m.num_query_groups == 0,
+         f"model.num_query_groups ({m.num_query_groups}) must divide model.num_attention_heads ({m.num_attention_heads})")
+    need(data.seq_length >= 1, f"data.seq_length: must be at least 1, got {data.seq_length}")
+    need(data.seq_length <= m.max_position_embeddings,
+         f"data.seq_length ({data.seq_length}) exceeds model.max_position_embeddings ({m.max_position_embeddings})")
+
+    # --- languages and experts
+    try:
+        registry = load_registry(data.language_table)
+        num_experts = registry.num_experts
+    except LanguageTableError as e:
+        problems.append(f"data.language_table: {e}")
+        num_experts = None
+    need(0 <= moe.moe_last_n <= m.num_layers,
+         f"moe.moe_last_n ({moe.moe_last_n}) must be between 0 and model.num_layers ({m.num_layers}): "
+         "there cannot be more MoE layers than layers")
+    if moe.expert_ffn_hidden_size is None:
+        moe.expert_ffn_hidden_size = m.ffn_hidden_size
+    if num_experts is not None and moe.moe_last_n > 0:
+        need(1 <= moe.topk <= num_experts,
+             f"moe.topk ({moe.topk}) must be between 1 and the number of experts ({num_experts}, from "
+             f"data.language_table={data.language_table!r})")
+    need(moe.routing != "hard" or moe.topk == 1,
+         f"moe.topk must be 1 when moe.routing is 'hard' (each token goes to its family expert only), got {moe.topk}")
+    need(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0, "moe.aux_loss_coeff and moe.z_loss_coeff must be >= 0")
+
+    # --- parallel layout
+    for name in ("tensor", "pipeline", "expert"):
+        need(getattr(par, name) >= 1, f"parallel.{name}: must be at least 1, got {getattr(par, name)}")
+    if par.expert_tensor is None:
+        par.expert_tensor = par.tensor
+    if par.sequence_parallel is None:
+        par.sequence_parallel = par.tensor > 1
+    if problems:
+        raise ConfigError(problems)
+    tp, pp, ep, etp = par.tensor, par.pipeline, par.expert, par.expert_tensor
+    need(m.num_attention_heads % tp == 0,
+         f"parallel.tensor ({tp}) must divide model.num_attention_heads ({m.num_attention_heads})")
+    need(m.num_query_groups % tp == 0,
+         f"parallel.tensor ({tp}) must divide model.num_query_groups ({m.num_query_groups}, the key/value heads)")
+    need(m.ffn_hidden_size % tp == 0,
+         f"parallel.tensor ({tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+    if moe.moe_last_n > 0:
+        need(moe.expert_ffn_hidden_size % etp == 0,
+             f"parallel.expert_tensor ({etp}) must divide moe.expert_ffn_hidden_size ({moe.expert_ffn_hidden_size})")
+        if num_experts is not None:
+            if moe.expert_slots is None:
+                moe.expert_slots = num_experts
+            suggestion = -(-num_experts // ep) * ep
+            need(moe.expert_slots >= num_experts,
+                 f"moe.expert_slots ({moe.expert_slots}) must be at least the number of experts ({num_experts})")
+            need(moe.expert_slots % ep == 0,
+                 f"parallel.expert ({ep}) must divide the number of experts ({moe.expert_slots}"
+                 f"{' expert slots' if moe.expert_slots != num_experts else ''}, from data.language_table="
+                 f"{data.language_table!r}): set moe.expert_slots={suggestion} to pad with "
+                 f"{suggestion - num_experts} idle slot(s), or choose a parallel.expert that divides {num_experts}")
+            if moe.expert_placement is not None:
+                problem = placement_problem(moe.expert_placement, num_experts, moe.expert_slots)
+                need(not problem, f"moe.expert_placement: {problem}")
+            if moe.grouped_gemm:
+                need(moe.expert_slots == num_experts and moe.expert_placement in (None, list(range(num_experts))),
+                     "moe.grouped_gemm does not support padding slots or a placement yet: set moe.grouped_gemm=false "
+                     "or use a parallel.expert that divides the number of experts")
+        if tp > 1:
+            need(par.sequence_parallel,
+                 "parallel.sequence_parallel must be true when parallel.tensor > 1 and the model has MoE layers "
+                 "(megatron-core requires it for MoE training)")
+    else:
+        need(ep == 1, f"parallel.expert ({ep}) must be 1 for a dense model (moe.moe_last_n = 0)")
+    if par.sequence_parallel:
+        need(tp > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+        need(data.seq_length % tp == 0,
+             f"data.seq_length ({data.seq_length}) must be divisible by parallel.tensor ({tp}) under sequence parallelism")
+    chunks = pp * (par.virtual_pipeline or 1)
+    need(m.num_layers % chunks == 0,
+         f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline ({chunks})")
+    if par.virtual_pipeline is not None:
+        need(par.virtual_pipeline >= 1 and pp > 1,
+             "parallel.virtual_pipeline needs parallel.pipeline > 1 (it interleaves model chunks across stages)")
+
+    if m.vocab_size is None and check_files:
+        from ..data.tokenizer import tokenizer_vocab_size  # local: avoid loading tokenizers for every import
+        try:
+            m.vocab_size = tokenizer_vocab_size(data.tokenizer)
+        except (OSError, ValueError) as e:
+            problems.append(f"model.vocab_size is null, so it comes from data.tokenizer, which failed: {e}")
+    if m.vocab_size is not None:
+        padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
+        need(padded % tp == 0,
+             f"model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by}) must make the padded vocabulary "
+             f"({padded}) divisible by parallel.tensor ({tp})")
+
+    min_dp = smallest_data_parallel(tp, ep, etp)
+    if world_size is None:
+        dp = par.data if par.data is not None else min_dp
+    else:
+        if par.data is not None:
+            need(world_size == tp * pp * par.data,
+                 f"world size {world_size} is not parallel.tensor x parallel.pipeline x parallel.data "
+                 f"({tp} x {pp} x {par.data} = {tp * pp * par.data})")
+            dp = par.data
+        else:
+            need(world_size % (tp * pp) == 0,
+                 f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline ({tp} x {pp}), "
+                 "so no data-parallel size fits")
+            dp = max(world_size // (tp * pp), 1)
+    need(dp >= 1, f"parallel.data must be at least 1, got {dp}")
+    if dp >= 1:
+        need((tp * dp) % (ep * etp) == 0,
+             f"parallel.expert x parallel.expert_tensor ({ep} x {etp}) must divide parallel.tensor x parallel.data "
+             f"({tp} x {dp}): megatron-core places experts inside the data-parallel ranks of each stage "
+             f"(smallest data-parallel size for this layout: {min_dp})")
+    par.data = dp
+
+    # --- training
+    need(tr.train_steps >= 0, f"training.train_steps must be >= 0, got {tr.train_steps}")
+    need(tr.micro_batch_size >= 1, f"training.micro_batch_size must be at least 1, got {tr.micro_batch_size}")
+    if dp >= 1 and tr.micro_batch_size >= 1:
+        need(tr.global_batch_size % (tr.micro_batch_size * dp) == 0 and tr.global_batch_size > 0,
+             f"training.global_batch_size ({tr.global_batch_size}) must be a positive multiple of "
+             f"training.micro_batch_size x parallel.data ({tr.micro_batch_size} x {dp})")
+        if par.virtual_pipeline is not None and tr.global_batch_size % (tr.micro_batch_size * dp) == 0:
+            n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+            need(n_micro % pp == 0,
+                 f"interleaved pipelining needs the number of micro-batches per step ({n_micro}) to be a multiple "
+                 f"of parallel.pipeline ({pp}); raise training.global_batch_size")
+    need(0 <= tr.min_lr <= tr.lr, f"training.min_lr ({tr.min_lr}) must be between 0 and training.lr ({tr.lr})")
+    need(tr.lr_warmup_steps >= 0, "training.lr_warmup_steps must be >= 0")
+    need(tr.clip_grad >= 0, "training.clip_grad must be >= 0 (0 = no clipping)")
+    need(0 <= tr.adam_beta1 < 1 and 0 <= tr.adam_beta2 < 1, "training.adam_beta1/adam_beta2 must be in [0, 1)")
+    need(tr.recompute_num_layers >= 1, "training.recompute_num_layers must be at least 1")
+    bad_modules = [x for x in tr.recompute_modules if x not in RECOMPUTE_MODULES]
+    need(not bad_modules, f"training.recompute_modules: unknown {bad_modules}; choose from {list(RECOMPUTE_MODULES)}")
+
+    # --- data, logging, checkpoint
+    need(cfg.logging.log_interval >= 1, "logging.log_interval must be at least 1")
+    if cfg.checkpoint.save_interval is not None:
+        need(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be at least 1")
+    if check_files:
+        if tr.train_steps > 0:
+            need(bool(data.paths), "data.paths: no training data given (a list of JSONL files or globs)")
+        for pattern in data.paths:
+            need(bool(glob.glob(pattern)), f"data.paths: {pattern!r} matches no file")
+        need(os.path.isdir(data.tokenizer), f"data.tokenizer: {data.tokenizer!r} is not a directory")
+        if cfg.checkpoint.load is not None:
+            need(os.path.isdir(cfg.checkpoint.load), f"checkpoint.load: {cfg.checkpoint.load!r} is not a directory")
+
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def world_size_of(cfg: RunConfig) -> int:
+    """Processes a resolved config needs."""
+    return cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
