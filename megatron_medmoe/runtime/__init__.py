@@ -1,0 +1,1 @@
+"""Distributed bootstrap (torchrun / Slurm / MPI -> ranks), local workers, the CPU compatibility module."""

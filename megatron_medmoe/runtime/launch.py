@@ -1,0 +1,69 @@
+"""Start the local worker processes a layout needs, when `medmoe` runs outside any launcher.
+
+Each worker is `python -m megatron_medmoe <same arguments>` with torchrun-style variables (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so it joins exactly as under torchrun. Signals sent
+to this parent are forwarded to every worker; if a worker fails, the others are stopped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import List, Sequence
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(rank: int, world_size: int, port: int) -> dict:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # CPU: share the cores instead of every worker spawning one thread per core
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    return env
+
+
+def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float = 30.0) -> int:
+    """Run `python -m megatron_medmoe *argv` as `world_size` ranks; return the job's exit code."""
+    port = free_port()
+    procs: List[subprocess.Popen] = [
+        subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], env=worker_env(r, world_size, port))
+        for r in range(world_size)
+    ]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            codes = [p.poll() for p in procs]
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace_seconds:
+                for p in procs:  # a rank died: the others would wait on it in a collective forever
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    codes = [p.returncode for p in procs]
+    failures = [c for c in codes if c != 0]
+    if not failures:
+        return 0
+    # the first rank that failed on its own account (not killed by us) tells what happened
+    own = [c for c in failures if c > 0]
+    return own[0] if own else 1
