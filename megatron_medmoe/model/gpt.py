@@ -1,0 +1,89 @@
+"""The Post-MoE language model: megatron-core's GPTModel, Qwen2-shaped, whose forward takes family ids."""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional
+
+import torch
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+
+from ..config import RunConfig, padded_vocab_size
+from .placement import expert_slots
+from .spec import post_moe_block_spec
+from .transformer_config import build_transformer_config
+
+
+class PostMoEGPTModel(GPTModel):
+    """GPTModel whose forward also takes `family_ids` [batch, seq], the routing id of every token.
+
+    The ids ride megatron-core's explicit per-token channel to the MoE layers (its `padding_mask`
+    argument, see moe_layer.py). megatron-core splits that channel for sequence parallelism only on
+    the first pipeline stage (where it also embeds the tokens); later stages split it here, the same way.
+    """
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None,
+                family_ids: Optional[torch.Tensor] = None, **kwargs):
+        if "padding_mask" in kwargs:
+            raise TypeError("PostMoEGPTModel carries family ids on the padding_mask channel: pass family_ids")
+        if family_ids is not None and not self.pre_process and self.config.sequence_parallel:
+            family_ids = tensor_parallel.scatter_to_sequence_parallel_region(
+                family_ids.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels,
+                               padding_mask=family_ids, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> bool:
+    """TransformerEngine is imported lazily: it needs a GPU and its CUDA libraries to import at all."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def use_transformer_engine(impl: str) -> bool:
+    if impl == "local":
+        return False
+    available = transformer_engine_available()
+    if impl == "transformer_engine" and not available:
+        raise RuntimeError(
+            "model.transformer_impl=transformer_engine, but TransformerEngine cannot be imported here "
+            f"({'no GPU is present' if not torch.cuda.is_available() else 'import transformer_engine.pytorch failed'}); "
+            "use model.transformer_impl=local or auto")
+    return available
+
+
+def build_model_chunks(cfg: RunConfig, num_experts: int) -> List[PostMoEGPTModel]:
+    """The model chunks of this rank: one per virtual pipeline stage (one when not interleaving).
+
+    cfg must be resolved and parallel_state initialised for cfg.parallel.
+    """
+    use_te = use_transformer_engine(cfg.model.transformer_impl)
+    config = build_transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
+    slots = (expert_slots(num_experts, cfg.moe.expert_slots, cfg.moe.expert_placement)
+             if cfg.moe.moe_last_n > 0 else None)
+    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
+    chunks = []
+    for vp_stage in range(cfg.parallel.virtual_pipeline or 1):
+        vp = vp_stage if cfg.parallel.virtual_pipeline else None
+        model = PostMoEGPTModel(
+            config=config,
+            transformer_layer_spec=post_moe_block_spec(config, use_te, cfg.moe.routing, slots, vp_stage=vp),
+            vocab_size=vocab,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
