@@ -1,0 +1,1 @@
+"""Data: JSONL corpora -> documents with family ids -> packed rows -> per-rank micro-batches."""

@@ -1,0 +1,52 @@
+"""Tokenizers: any local Hugging Face tokenizer directory; a small BPE one can be trained for demos."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, List
+
+END_OF_TEXT = "<|endoftext|>"  # Qwen2's document separator and end-of-answer token
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer from a local directory (never downloads)."""
+    if not os.path.isdir(path):
+        raise OSError(f"tokenizer directory {path!r} does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load a Hugging Face tokenizer from {path!r}: {e}") from e
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """Token ids the model must embed: the base vocabulary plus added special tokens."""
+    return len(load_tokenizer(path))
+
+
+def end_of_text_id(tokenizer) -> int:
+    """The id that ends a document: the tokenizer's EOS, else Qwen2's <|endoftext|>."""
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no EOS token and no {END_OF_TEXT!r}: cannot separate documents")
+    return int(token_id)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> None:
+    """Train a byte-level BPE tokenizer (the Qwen2 family's kind) and save it as a Hugging Face
+    tokenizer directory, with <|endoftext|> as the end-of-text and padding token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts: List[str] = list(texts)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)

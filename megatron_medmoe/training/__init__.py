@@ -1,0 +1,1 @@
+"""Training: the loop over megatron-core schedules, optimizer and schedule, checkpoints, metrics."""

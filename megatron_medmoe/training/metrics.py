@@ -1,0 +1,113 @@
+"""Training metrics: loss overall and per family, learning rate, gradient norm, throughput, expert load.
+
+Each rank adds up what it saw between log steps; one all-reduce over the job at each log step makes the
+totals (only the last pipeline stage has losses, only the ranks holding a MoE layer count its routing).
+Rank 0 prints a console line and appends a JSON record to OUTPUT_DIR/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..languages import LanguageRegistry
+from ..model.router import FamilyRouter
+
+
+class TrainingMetrics:
+    def __init__(self, chunks, registry: LanguageRegistry, num_layers: int, moe_last_n: int, output_dir: str):
+        self.registry = registry
+        self.num_families = registry.num_experts
+        self.first_moe_layer = num_layers - moe_last_n + 1  # megatron-core layer numbers start at 1
+        self.moe_last_n = moe_last_n
+        self.routers: List[FamilyRouter] = [m for c in chunks for m in c.modules() if isinstance(m, FamilyRouter)]
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._reset()
+
+    def _reset(self):
+        self.loss = torch.zeros(2, dtype=torch.float64)  # sum, tokens
+        self.family = torch.zeros(2, self.num_families, dtype=torch.float64)
+        self.steps = 0
+        self.skipped = 0
+        self.tokens = 0
+        self.grad_norm_sum = 0.0
+        self.started = time.perf_counter()
+
+    def add_step(self, report: Dict[str, torch.Tensor], grad_norm: Optional[float], updated: bool, tokens: int):
+        if report:
+            self.loss += report["lm loss"].double().cpu()
+            self.family += report["family loss"].double().cpu()
+        self.steps += 1
+        self.skipped += 0 if updated else 1
+        self.tokens += tokens
+        self.grad_norm_sum += grad_norm or 0.0
+
+    def _expert_counts(self) -> torch.Tensor:
+        counts = torch.zeros(max(self.moe_last_n, 1), 3 + self.num_families, dtype=torch.float64)
+        for router in self.routers:
+            row = router.layer_number - self.first_moe_layer
+            counts[row, :self.num_families] += router.stats.tokens_per_expert
+            counts[row, -3] += router.stats.family_held
+            counts[row, -2] += router.stats.family_checked
+            counts[row, -1] = 1.0  # this rank has the layer
+            router.stats.reset()
+        return counts
+
+    def log(self, step: int, lr: float) -> Optional[dict]:
+        """Reduce over the job; returns (and on rank 0 prints and records) the interval's metrics."""
+        flat = torch.cat([self.loss, self.family.reshape(-1), self._expert_counts().reshape(-1)])
+        dist.all_reduce(flat)
+        n_fam = self.num_families
+        loss = flat[:2]
+        family = flat[2:2 + 2 * n_fam].reshape(2, n_fam)
+        experts = flat[2 + 2 * n_fam:].reshape(max(self.moe_last_n, 1), 3 + n_fam)
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "step": step,
+            "loss": float(loss[0] / loss[1]) if loss[1] > 0 else float("nan"),
+            "lr": lr,
+            "grad_norm": self.grad_norm_sum / max(self.steps, 1),
+            "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+            "s_per_step": elapsed / max(self.steps, 1),
+            "skipped_steps": self.skipped,
+            "family_loss": {self.registry.experts[i]: float(family[0, i] / family[1, i])
+                            for i in range(n_fam) if family[1, i] > 0},
+        }
+        if self.moe_last_n > 0:
+            layers = {}
+            for row in range(self.moe_last_n):
+                tokens = experts[row, :n_fam]
+                total = float(tokens.sum())
+                if total == 0:
+                    continue
+                share = tokens / total
+                entry = {"expert_share": [round(float(x), 4) for x in share],
+                         "imbalance": float(share.max() / share.mean())}
+                checked = float(experts[row, -2])
+                if checked > 0:
+                    entry["family_in_own_topk"] = float(experts[row, -3]) / checked
+                layers[str(self.first_moe_layer + row)] = entry
+            record["moe_layers"] = layers
+        self._reset()
+        if dist.get_rank() == 0:
+            self._print(record)
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _print(self, r: dict):
+        print(f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm {r['grad_norm']:.3f} | "
+              f"{r['tokens_per_s']:.0f} tokens/s | {r['s_per_step'] * 1000:.0f} ms/step"
+              + (f" | skipped {r['skipped_steps']}" if r["skipped_steps"] else ""), flush=True)
+        fams = " | ".join(f"{name} {value:.3f}" for name, value in r["family_loss"].items())
+        print(f"    loss by family: {fams}", flush=True)
+        for layer, entry in r.get("moe_layers", {}).items():
+            shares = " ".join(f"{x:.2f}" for x in entry["expert_share"])
+            held = entry.get("family_in_own_topk")
+            print(f"    layer {layer} expert share: {shares} (max/mean {entry['imbalance']:.2f})"
+                  + (f", family already in router top-k {held:.0%}" if held is not None else ""), flush=True)

@@ -1,0 +1,44 @@
+"""`medmoe train`: load and validate the config, then either start local workers or join as a rank."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from ..config import ConfigError, dump_config, load_config, resolve_config, world_size_of
+from ..runtime.env import LaunchEnvError, detect_launch_env
+from ..runtime.launch import run_local_workers
+
+# set on the workers `medmoe train` starts itself, whose parent already printed the resolved config
+LOCAL_WORKER_ENV = "MEDMOE_LOCAL_WORKER"
+EXIT_CONFIG_ERROR = 2
+
+
+def announce(cfg) -> None:
+    """Print the resolved config and save it as OUTPUT_DIR/run_config.yaml."""
+    path = os.path.join(cfg.logging.output_dir, "run_config.yaml")
+    text = dump_config(cfg, path)
+    print(f"resolved config (saved to {path}):\n{text}", flush=True)
+
+
+def run_train(config_path: str, overrides: Sequence[str]) -> int:
+    try:
+        env = detect_launch_env()
+        cfg = resolve_config(load_config(config_path, overrides), world_size=env.world_size if env else None)
+    except (ConfigError, LaunchEnvError) as e:
+        print(f"medmoe train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    if env is None:
+        announce(cfg)
+        world = world_size_of(cfg)
+        print(f"starting {world} local worker process(es)", flush=True)
+        os.environ[LOCAL_WORKER_ENV] = "1"
+        return run_local_workers(["train", config_path, *overrides], world)
+    if env.rank == 0 and os.environ.get(LOCAL_WORKER_ENV) != "1":
+        announce(cfg)
+    from ..runtime.quiet import silence_known_noise
+
+    silence_known_noise()
+    from .loop import train  # heavy imports (megatron-core) only in ranks
+
+    return train(cfg, env)
