@@ -45,6 +45,10 @@ def build_transformer_config(cfg: RunConfig, use_cpu_initialization: bool) -> Tr
         expert_model_parallel_size=par.expert,
         expert_tensor_parallel_size=par.expert_tensor,
         sequence_parallel=par.sequence_parallel,
+        # Interleaved 1F1B on 2 stages sends activations and gradients to the SAME peer in one step; the
+        # batched p2p path posts them in an order the peer receives the other way round (same shapes,
+        # silently swapped). The unbatched path sends each direction on its own communicator.
+        batch_p2p_comm=not (par.pipeline == 2 and par.virtual_pipeline is not None),
         # precision
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -92,6 +92,13 @@ def _streams_and_events():
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
 
+def _tensor_cuda_method():
+    # models/common/language_module/language_module.py moves the tied embedding to the GPU with
+    # weight.data.cuda() before all-reducing it between the first and last pipeline stages; on CPU the
+    # tensor is already where it belongs.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
 def _te_general_gemm_symbol():
     # transformer/moe/moe_utils.py binds te_general_gemm only inside its TransformerEngine import,
     # yet later code tests `te_general_gemm is None`: without TE the name is unbound.
@@ -168,6 +175,7 @@ REDIRECTS: List[Redirect] = [
     Redirect("device_queries", "torch.cuda.current_device / synchronize", _device_queries),
     Redirect("rng_states", "tensor_parallel.random CUDA RNG state get/set", _rng_states),
     Redirect("streams_and_events", "torch.cuda.Stream / Event / current_stream / stream", _streams_and_events),
+    Redirect("tensor_cuda_method", "Tensor.cuda() of the tied embedding across pipeline stages", _tensor_cuda_method),
     Redirect("te_general_gemm_symbol", "moe_utils.te_general_gemm unbound without TransformerEngine",
              _te_general_gemm_symbol),
     Redirect("host_split_sizes", "token_dispatcher.maybe_move_tensor_to_cpu", _host_split_sizes),
