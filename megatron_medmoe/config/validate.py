@@ -48,11 +48,14 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
             problems.append(msg)
 
     # --- model shape
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "make_vocab_size_divisible_by", "max_position_embeddings"):
-        need(getattr(m, name) >= 1, f"model.{name}: must be at least 1, got {getattr(m, name)}")
-    if problems:
-        raise ConfigError(problems)
+    sizes = [f"model.{name}: must be at least 1, got {getattr(m, name)}"
+             for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                          "make_vocab_size_divisible_by", "max_position_embeddings") if getattr(m, name) < 1]
+    sizes += [f"parallel.{name}: must be at least 1, got {getattr(par, name)}"
+              for name in ("tensor", "pipeline", "expert", "expert_tensor", "data", "virtual_pipeline")
+              if getattr(par, name) is not None and getattr(par, name) < 1]
+    if sizes:  # the rules below divide by these
+        raise ConfigError(sizes)
     need(m.hidden_size % m.num_attention_heads == 0,
          f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
     need(m.num_attention_heads % m.num_query_groups == 0,
@@ -82,14 +85,10 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
     need(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0, "moe.aux_loss_coeff and moe.z_loss_coeff must be >= 0")
 
     # --- parallel layout
-    for name in ("tensor", "pipeline", "expert"):
-        need(getattr(par, name) >= 1, f"parallel.{name}: must be at least 1, got {getattr(par, name)}")
     if par.expert_tensor is None:
         par.expert_tensor = par.tensor
     if par.sequence_parallel is None:
         par.sequence_parallel = par.tensor > 1
-    if problems:
-        raise ConfigError(problems)
     tp, pp, ep, etp = par.tensor, par.pipeline, par.expert, par.expert_tensor
     need(m.num_attention_heads % tp == 0,
          f"parallel.tensor ({tp}) must divide model.num_attention_heads ({m.num_attention_heads})")
@@ -132,7 +131,7 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
     need(m.num_layers % chunks == 0,
          f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline ({chunks})")
     if par.virtual_pipeline is not None:
-        need(par.virtual_pipeline >= 1 and pp > 1,
+        need(pp > 1,
              "parallel.virtual_pipeline needs parallel.pipeline > 1 (it interleaves model chunks across stages)")
 
     if m.vocab_size is None and check_files:
@@ -161,7 +160,6 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
                  f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline ({tp} x {pp}), "
                  "so no data-parallel size fits")
             dp = max(world_size // (tp * pp), 1)
-    need(dp >= 1, f"parallel.data must be at least 1, got {dp}")
     if dp >= 1:
         need((tp * dp) % (ep * etp) == 0,
              f"parallel.expert x parallel.expert_tensor ({ep} x {etp}) must divide parallel.tensor x parallel.data "

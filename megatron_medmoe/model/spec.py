@@ -52,10 +52,10 @@ def _local_norms(layer_spec: ModuleSpec) -> ModuleSpec:
 
 
 def post_moe_block_spec(config, use_transformer_engine: bool, routing: str, slots: Optional[ExpertSlots],
-                        vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
-    """The decoder layers this pipeline stage (and virtual stage) builds."""
+                        vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The decoder layers a pipeline stage (and virtual stage) builds; pp_rank None: this rank's stage."""
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                       normalization="RMSNorm", vp_stage=vp_stage)
+                                       normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank)
     layers = []
     for spec in block.layer_specs:
         if is_moe_layer_spec(spec):

@@ -8,9 +8,10 @@ one fails loudly. Nothing here changes arithmetic.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import types
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,17 @@ class Redirect:
     name: str
     stands_in_for: str
     apply: Callable[[], None]
+    targets: Tuple[str, ...]  # "module:attribute" the redirect replaces (checked to exist before applying)
+
+
+def missing_targets(redirect: Redirect) -> List[str]:
+    missing = []
+    for target in redirect.targets:
+        module_name, _, attribute = target.partition(":")
+        module = importlib.import_module(module_name)
+        if attribute and not hasattr(module, attribute):
+            missing.append(target)
+    return missing
 
 
 def _device_queries():
@@ -172,17 +184,24 @@ def _schedule_device_literal():
 
 
 REDIRECTS: List[Redirect] = [
-    Redirect("device_queries", "torch.cuda.current_device / synchronize", _device_queries),
-    Redirect("rng_states", "tensor_parallel.random CUDA RNG state get/set", _rng_states),
-    Redirect("streams_and_events", "torch.cuda.Stream / Event / current_stream / stream", _streams_and_events),
-    Redirect("tensor_cuda_method", "Tensor.cuda() of the tied embedding across pipeline stages", _tensor_cuda_method),
+    Redirect("device_queries", "torch.cuda.current_device / synchronize", _device_queries,
+             ("torch.cuda:current_device", "torch.cuda:synchronize")),
+    Redirect("rng_states", "tensor_parallel.random CUDA RNG state get/set", _rng_states,
+             ("megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+              "megatron.core.tensor_parallel.random:_set_cuda_rng_state")),
+    Redirect("streams_and_events", "torch.cuda.Stream / Event / current_stream / stream", _streams_and_events,
+             ("torch.cuda:Stream", "torch.cuda:Event", "torch.cuda:current_stream", "torch.cuda:stream")),
+    Redirect("tensor_cuda_method", "Tensor.cuda() of the tied embedding across pipeline stages", _tensor_cuda_method,
+             ("torch:Tensor", "megatron.core.models.common.language_module.language_module:LanguageModule")),
     Redirect("te_general_gemm_symbol", "moe_utils.te_general_gemm unbound without TransformerEngine",
-             _te_general_gemm_symbol),
-    Redirect("host_split_sizes", "token_dispatcher.maybe_move_tensor_to_cpu", _host_split_sizes),
+             _te_general_gemm_symbol, ("megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction",)),
+    Redirect("host_split_sizes", "token_dispatcher.maybe_move_tensor_to_cpu", _host_split_sizes,
+             ("megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",)),
     Redirect("uneven_gather_scatter", "tensor_parallel.mappings uneven all-gather / reduce-scatter",
-             _uneven_gather_scatter),
+             _uneven_gather_scatter, ("megatron.core.tensor_parallel.mappings:_gather_along_first_dim",
+                                      "megatron.core.tensor_parallel.mappings:_reduce_scatter_along_first_dim")),
     Redirect("schedule_device_literal", 'pipeline_parallel.schedules torch.zeros(device="cuda")',
-             _schedule_device_literal),
+             _schedule_device_literal, ("megatron.core.pipeline_parallel.schedules:torch",)),
 ]
 
 _applied = False
@@ -205,6 +224,11 @@ def apply_if_cpu() -> bool:
             raise RuntimeError(
                 f"megatron-core {version} is installed, but the CPU redirects in {__name__} were written and "
                 f"tested for {MEGATRON_CORE_VERSION}: install megatron-core=={MEGATRON_CORE_VERSION}")
+        for redirect in REDIRECTS:
+            missing = missing_targets(redirect)
+            if missing:
+                raise RuntimeError(f"CPU redirect {redirect.name!r} ({redirect.stands_in_for}): {missing} no longer "
+                                   f"exist in megatron-core {version}; revisit {__name__}")
         for redirect in REDIRECTS:
             redirect.apply()
         _applied = True

@@ -1,0 +1,69 @@
+"""Shared helpers: run `medmoe` as a real process, read its metrics, locate the repository."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import pytest
+import torch
+
+from megatron_medmoe.runtime.quiet import KNOWN_NOISE
+
+
+def pytest_configure(config):
+    for pattern in KNOWN_NOISE:  # megatron-core saying optional GPU libraries are absent
+        config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny_cpu.yaml")
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MEDMOE_LOCAL_WORKER"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_medmoe(args: Sequence[str], timeout: float = 600, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """`python -m megatron_medmoe ARGS` in the repository, as a user would run `medmoe ARGS`."""
+    proc = subprocess.run([sys.executable, "-m", "megatron_medmoe", *args], cwd=REPO, env=cpu_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"medmoe {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(output_dir) -> List[dict]:
+    with open(Path(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def gpu_only(reason: str = "needs an NVIDIA GPU"):
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason=f"{reason}; this machine has none")
+
+
+@pytest.fixture(scope="module")
+def megatron_single_rank():
+    """megatron-core's parallel state on a one-process gloo group (CPU redirects applied)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_medmoe.runtime import cpu_compat
+    from megatron_medmoe.runtime.launch import free_port
+
+    cpu_compat.apply_if_cpu()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(123)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

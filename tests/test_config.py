@@ -1,0 +1,135 @@
+"""Config loading and the validation rules: each broken rule is an error naming the field, before any
+process starts."""
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY, run_medmoe
+from megatron_medmoe.config import ConfigError, dump_config, load_config, resolve_config
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name files relative to the repository
+
+
+def problems(overrides, world_size=None, path=TINY):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(load_config(path, overrides), world_size=world_size)
+    return str(err.value)
+
+
+def test_tiny_recipe_resolves():
+    cfg = resolve_config(load_config(TINY))
+    assert cfg.model.vocab_size == 1024  # from the bundled tokenizer
+    assert cfg.parallel.data == 2  # the smallest data-parallel size that holds EP 2
+    assert cfg.moe.expert_slots == 8 and cfg.parallel.expert_tensor == 1
+    assert cfg.parallel.sequence_parallel is False
+
+
+def test_tensor_parallel_must_divide_heads():
+    msg = problems(["parallel.tensor=3", "model.num_attention_heads=4"])
+    assert "parallel.tensor (3) must divide model.num_attention_heads (4)" in msg
+
+
+def test_tensor_parallel_must_divide_kv_heads():
+    msg = problems(["parallel.tensor=4", "model.num_attention_heads=8", "model.num_query_groups=2",
+                    "model.hidden_size=64"])
+    assert "parallel.tensor (4) must divide model.num_query_groups (2" in msg
+
+
+def test_expert_parallel_must_divide_experts_and_suggests_padding():
+    msg = problems(["parallel.expert=2", "moe.expert_slots=null"])
+    assert "parallel.expert (2) must divide the number of experts (7" in msg
+    assert "moe.expert_slots=8" in msg
+
+
+def test_expert_parallel_three_with_twelve_language_experts_is_fine():
+    cfg = resolve_config(load_config(TINY, ["data.language_table=languages12", "parallel.expert=3",
+                                            "moe.expert_slots=null", "training.global_batch_size=12"]))
+    assert cfg.moe.expert_slots == 12 and cfg.parallel.data == 3
+
+
+def test_more_moe_layers_than_layers():
+    msg = problems(["model.num_layers=4", "moe.moe_last_n=5"])
+    assert "moe.moe_last_n (5) must be between 0 and model.num_layers (4)" in msg
+
+
+def test_world_size_must_be_tp_pp_dp():
+    msg = problems(["parallel.tensor=2", "parallel.expert=1", "moe.expert_slots=null", "parallel.data=2"], world_size=6)
+    assert "world size 6 is not parallel.tensor x parallel.pipeline x parallel.data (2 x 1 x 2 = 4)" in msg
+    msg = problems(["parallel.tensor=2", "parallel.expert=1", "moe.expert_slots=null"], world_size=3)
+    assert "world size 3 is not a multiple of parallel.tensor x parallel.pipeline (2 x 1)" in msg
+
+
+def test_launcher_world_size_sets_data_parallel():
+    cfg = resolve_config(load_config(TINY, ["parallel.tensor=2", "parallel.expert=1", "moe.expert_slots=null"]),
+                         world_size=8)
+    assert cfg.parallel.data == 4 and cfg.parallel.sequence_parallel is True
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["model.hiden_size=32"])
+    assert "model.hiden_size: unknown key; did you mean 'model.hidden_size'?" in str(err.value)
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  num_layers: 2\ntraining:\n  step_count: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(recipe))
+    assert "training.step_count: unknown key" in str(err.value) and str(recipe) in str(err.value)
+
+
+def test_wrong_types_are_named():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.num_layers=four", "moe.routing=random", "parallel.sequence_parallel=3"])
+    msg = str(err.value)
+    assert "model.num_layers: expected an integer, got 'four'" in msg
+    assert "moe.routing: expected one of 'hybrid', 'topk', 'hard'" in msg
+    assert "parallel.sequence_parallel: expected true or false or null" in msg
+
+
+def test_all_problems_reported_together():
+    msg = problems(["parallel.tensor=3", "moe.moe_last_n=9", "training.global_batch_size=7"])
+    assert msg.count("\n  - ") >= 3
+
+
+def test_more_layout_rules():
+    assert "needs parallel.pipeline > 1" in problems(["parallel.virtual_pipeline=2"])
+    assert "must be divisible by parallel.pipeline x parallel.virtual_pipeline" in problems(
+        ["parallel.pipeline=3", "parallel.expert=1", "moe.expert_slots=null"])
+    assert "moe.topk must be 1 when moe.routing is 'hard'" in problems(["moe.routing=hard"])
+    assert "parallel.sequence_parallel must be true" in problems(
+        ["parallel.tensor=2", "parallel.sequence_parallel=false", "parallel.expert=1", "moe.expert_slots=null"])
+    assert "training.global_batch_size (6) must be a positive multiple" in problems(["training.global_batch_size=6"])
+    assert "moe.expert_placement: two experts share a slot" in problems(["moe.expert_placement=[0,0,1,2,3,4,5]"])
+    assert "data.paths: 'nowhere/*.jsonl' matches no file" in problems(["data.paths=[nowhere/*.jsonl]"])
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["training.lr=1e-4", "data.paths=[a.jsonl, b.jsonl]", "parallel.data=null",
+                             "model.tie_embeddings=true"])
+    assert cfg.training.lr == pytest.approx(1e-4)
+    assert cfg.data.paths == ["a.jsonl", "b.jsonl"] and cfg.parallel.data is None and cfg.model.tie_embeddings
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = resolve_config(load_config(TINY, ["parallel.expert=1", "moe.expert_slots=null"]))
+    path = tmp_path / "run_config.yaml"
+    dump_config(cfg, str(path))
+    again = load_config(str(path))
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["moe"]["expert_slots"] == 7
+
+
+def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
+    start = time.monotonic()
+    proc = run_medmoe(["train", TINY, "parallel.expert=2", "moe.expert_slots=null",
+                       f"logging.output_dir={tmp_path / 'out'}"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "parallel.expert (2) must divide the number of experts (7" in proc.stderr
+    assert "starting" not in proc.stdout and not (tmp_path / "out").exists()
+    assert time.monotonic() - start < 60

@@ -1,0 +1,116 @@
+"""Probe what megatron-core does on a CPU-only torch, with or without our redirects.
+
+    python cpu_compat_probe.py all          every redirect applied; every probe runs
+    python cpu_compat_probe.py skip NAME    every redirect but NAME applied; only NAME's probe runs
+
+Prints one JSON object, probe name -> outcome ("ok" or the exception type), so the test can tell
+"still needed" (its probe fails without it) from "works" (ok with all of them).
+"""
+import inspect
+import json
+import os
+import socket
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+
+def outcome(fn):
+    try:
+        result = fn()
+        return "ok" if result in (None, True) else f"unexpected:{result}"
+    except Exception as e:  # the type is the finding
+        return type(e).__name__
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_rank():
+    from megatron.core import parallel_state
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+
+
+def apply_redirects(skip):
+    from megatron_medmoe.runtime import cpu_compat
+
+    for redirect in cpu_compat.REDIRECTS:
+        if redirect.name != skip:
+            redirect.apply()
+
+
+def uneven_worker(rank, port, skip, results):
+    apply_redirects(skip)
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group = dist.new_group([0, 1])
+    sizes = [1, 2]
+
+    def gather_and_scatter():
+        x = torch.full((sizes[rank], 3), float(rank + 1))
+        gathered = mappings._gather_along_first_dim(x, group, output_split_sizes=sizes)
+        expected = torch.cat([torch.full((1, 3), 1.0), torch.full((2, 3), 2.0)])
+        assert torch.equal(gathered, expected), gathered
+        y = torch.arange(9, dtype=torch.float32).reshape(3, 3) * (rank + 1)
+        scattered = mappings._reduce_scatter_along_first_dim(y, group, input_split_sizes=sizes)
+        full = torch.arange(9, dtype=torch.float32).reshape(3, 3) * 3
+        assert torch.equal(scattered, torch.split(full, sizes)[rank]), scattered
+
+    results[rank] = outcome(gather_and_scatter)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(mode, skip=None):
+    apply_redirects(skip)
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.router as router
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+    import megatron.core.pipeline_parallel.schedules as schedules
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    import numpy as np
+
+    init_single_rank()
+    probes = {
+        "device_queries": lambda: torch.cuda.current_device() is not None and torch.cuda.synchronize(),
+        "rng_states": lambda: model_parallel_cuda_manual_seed(1),
+        "streams_and_events": lambda: torch.cuda.Stream().wait_stream(torch.cuda.current_stream()),
+        "tensor_cuda_method": lambda: torch.zeros(2).cuda().device.type == "cpu",
+        "te_general_gemm_symbol": lambda: moe_utils.router_gating_linear(
+            torch.randn(4, 8), torch.randn(3, 8), None, torch.float32).shape == (4, 3),
+        "host_split_sizes": lambda: isinstance(
+            token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True), np.ndarray),
+        "schedule_device_literal": lambda: schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu",
+    }
+    # the megatron-core code still calls what the redirects replace
+    sources = {
+        "device_queries": "torch.cuda.current_device()" in inspect.getsource(router),
+        "streams_and_events": "torch.cuda.Stream()" in inspect.getsource(token_dispatcher),
+        "tensor_cuda_method": ".cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer),
+        "schedule_device_literal": 'device="cuda"' in inspect.getsource(schedules.forward_backward_no_pipelining),
+    }
+    names = [skip] if skip else list(probes) + ["uneven_gather_scatter"]
+    report = {f"source:{name}": sources[name] for name in names if name in sources}
+    report.update({name: outcome(probes[name]) for name in names if name in probes})
+    dist.destroy_process_group()
+    if "uneven_gather_scatter" in names:
+        results = mp.Manager().dict()
+        mp.spawn(uneven_worker, args=(free_port(), skip, results), nprocs=2, join=True)
+        report["uneven_gather_scatter"] = results[0] if results[0] == results[1] else f"{results[0]}/{results[1]}"
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
