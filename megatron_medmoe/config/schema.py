@@ -11,20 +11,20 @@ from typing import List, Literal, Optional
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 4
-    hidden_size: int = 64
+    num_layers: int = 4  # decoder layers
+    hidden_size: int = 64  # model width
     ffn_hidden_size: int = 176  # SwiGLU intermediate size of the dense MLP (and of each expert)
-    num_attention_heads: int = 4
+    num_attention_heads: int = 4  # query heads
     num_query_groups: int = 2  # key/value heads (grouped-query attention)
     vocab_size: Optional[int] = None  # null: the tokenizer's size (data.tokenizer)
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (layout-independent)
-    max_position_embeddings: int = 32768
-    rotary_base: float = 1000000.0
-    norm_epsilon: float = 1e-6
+    max_position_embeddings: int = 32768  # longest sequence the rotary embedding is meant for
+    rotary_base: float = 1000000.0  # rotary embedding theta (Qwen2: 1e6)
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # share input embedding and output layer (Qwen2-0.5B does)
-    init_method_std: float = 0.02
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    init_method_std: float = 0.02  # weights (and fresh routers) ~ normal(0, std)
+    attention_dropout: float = 0.0  # Qwen2 trains without dropout
+    hidden_dropout: float = 0.0  # dropout after attention and MLP
     # auto: TransformerEngine layers when transformer_engine imports (and a GPU is present), else local
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
 
@@ -35,9 +35,9 @@ class MoEConfig:
     # hybrid: training forces each token's family expert into its top-k, eval is plain top-k;
     # topk: plain top-k always (no language ids); hard: only the family expert, weight 1
     routing: Literal["hybrid", "topk", "hard"] = "hybrid"
-    topk: int = 2
+    topk: int = 2  # experts per token (k)
     expert_ffn_hidden_size: Optional[int] = None  # null: model.ffn_hidden_size (experts copy the dense MLP)
-    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
     grouped_gemm: bool = False  # TransformerEngine grouped GEMM for experts (GPU)
     aux_loss_coeff: float = 0.0  # switch-style load-balancing loss; 0 in the released recipe
     z_loss_coeff: float = 0.0  # router z-loss; 0 = off
@@ -49,10 +49,10 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1
+    tensor: int = 1  # tensor-parallel size (divides heads, kv heads, ffn size, padded vocabulary)
+    pipeline: int = 1  # pipeline stages (divides the layers)
     virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
-    expert: int = 1
+    expert: int = 1  # expert-parallel size (divides moe.expert_slots)
     expert_tensor: Optional[int] = None  # tensor parallelism inside experts; null: same as `tensor`
     # data-parallel size; null: the launcher's world size / (tensor x pipeline), or the smallest size
     # the expert layout allows when `medmoe train` starts its own workers
@@ -64,22 +64,22 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
-    train_steps: int = 300
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    lr_warmup_steps: int = 20
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    train_steps: int = 300  # optimizer steps (global batches)
+    micro_batch_size: int = 4  # rows per forward/backward pass
+    global_batch_size: int = 8  # rows per optimizer step, over all data-parallel ranks
+    lr: float = 3e-3  # peak learning rate (after warm-up)
+    min_lr: float = 3e-4  # learning rate at the end of the decay
+    lr_warmup_steps: int = 20  # linear warm-up from 0
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
     lr_decay_steps: Optional[int] = None  # null: train_steps
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW weight decay (not on biases and norms)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
     clip_grad: float = 1.0  # global gradient-norm clip; 0 = off
-    precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 1234
-    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 needs GPUs
+    seed: int = 1234  # weights, data order and every RNG derive from it
+    recompute_granularity: Optional[Literal["full", "selective"]] = None  # activation recomputation; null = off
     recompute_method: Literal["uniform", "block"] = "uniform"  # for full recomputation
     recompute_num_layers: int = 1  # for full recomputation
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # for selective
@@ -91,12 +91,12 @@ class DataConfig:
     tokenizer: str = "examples/tokenizer"  # a Hugging Face tokenizer directory
     seq_length: int = 128  # tokens per packed row
     language_table: str = "families"  # `families`, `languages12` or a path to your own table
-    language_field: str = "lang"
+    language_field: str = "lang"  # the JSONL field holding each document's language code
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
+    log_interval: int = 10  # steps between metric lines
     output_dir: str = "runs/tiny"  # the resolved config and the metrics log go here
 
 

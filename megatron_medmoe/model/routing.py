@@ -36,7 +36,6 @@ def select_experts(
         raise ValueError("hybrid routing in training needs the family id of every token (got none)")
     family = family_ids.reshape(-1).long()
     held = (top == family.unsqueeze(-1)).any(dim=-1)
-    top = top.clone()
     top[:, -1] = torch.where(held, top[:, -1], family)  # sorted descending: the last pick is the weaker
     return top, held
 

@@ -26,6 +26,9 @@ class TrainingMetrics:
         self.moe_last_n = moe_last_n
         self.routers: List[FamilyRouter] = [m for c in chunks for m in c.modules() if isinstance(m, FamilyRouter)]
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if dist.get_rank() == 0:  # a new run starts a new record
+            os.makedirs(output_dir, exist_ok=True)
+            open(self.path, "w").close()
         self._reset()
 
     def _reset(self):
@@ -95,7 +98,6 @@ class TrainingMetrics:
         self._reset()
         if dist.get_rank() == 0:
             self._print(record)
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return record

@@ -1,0 +1,42 @@
+"""Layout equivalence: from the same initial weights (one checkpoint, loaded under each layout) the loss
+of several training steps is equal in fp32, within 1e-6 relative, for TP, EP (both token dispatchers),
+PP, interleaved PP, and combined 4-process layouts. Every run is `medmoe train` in real processes."""
+import pytest
+
+from conftest import TINY, read_metrics, run_medmoe
+
+STEPS = 4
+COMMON = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.log_interval=1",
+          "training.lr_warmup_steps=1", "moe.expert_slots=8", "parallel.expert=1", f"training.train_steps={STEPS}"]
+
+LAYOUTS = {
+    "tp2": ["parallel.tensor=2"],
+    "ep2-alltoall": ["parallel.expert=2", "moe.token_dispatcher=alltoall"],
+    "ep2-allgather": ["parallel.expert=2", "moe.token_dispatcher=allgather"],
+    "pp2": ["parallel.pipeline=2"],
+    "pp2-interleaved": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+    "tp2xep2": ["parallel.tensor=2", "parallel.expert=2"],
+    "pp2xep2": ["parallel.pipeline=2", "parallel.expert=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    init = root / "init"
+    run_medmoe(["train", TINY, *COMMON, "training.train_steps=0", f"checkpoint.save={init}",
+                f"logging.output_dir={init}"])
+    run_medmoe(["train", TINY, *COMMON, f"checkpoint.load={init}", f"logging.output_dir={root / 'ref'}"])
+    return root, [r["loss"] for r in read_metrics(root / "ref")]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_same_losses_as_one_process(reference, name):
+    root, expected = reference
+    assert len(expected) == STEPS and expected[-1] < expected[0]
+    out = root / name
+    run_medmoe(["train", TINY, *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}",
+                f"logging.output_dir={out}"])
+    losses = [r["loss"] for r in read_metrics(out)]
+    assert losses == pytest.approx(expected, rel=1e-6, abs=0), f"{name}: {losses} vs {expected}"
