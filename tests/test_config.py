@@ -133,3 +133,13 @@ def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
     assert "parallel.expert (2) must divide the number of experts (7" in proc.stderr
     assert "starting" not in proc.stdout and not (tmp_path / "out").exists()
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+@pytest.mark.parametrize("override, message", [
+    ("model.transformer_impl=transformer_engine", "TransformerEngine cannot be used here (no GPU is present)"),
+    ("training.precision=bf16", "training.precision=bf16 needs GPUs"),
+])
+def test_cli_refuses_gpu_only_options_on_cpu(tmp_path, override, message):
+    proc = run_medmoe(["train", TINY, override, f"logging.output_dir={tmp_path}"], check=False, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr

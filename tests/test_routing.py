@@ -94,20 +94,22 @@ def test_ids_are_required_where_they_are_used(batch):
 
 # ---- the router module, on megatron-core (one process) ----
 
-def _config(slots=E):
+def _config(slots=E, aux=0.0, z=None):
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
-                             num_moe_experts=slots, moe_router_topk=K, add_bias_linear=False, moe_router_pre_softmax=True,
-                             moe_router_dtype="fp32", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    return TransformerConfig(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
+                             use_cpu_initialization=True, num_moe_experts=slots, moe_ffn_hidden_size=32,
+                             moe_router_topk=K, add_bias_linear=False, moe_router_pre_softmax=True,
+                             moe_router_dtype="fp32", moe_router_load_balancing_type="aux_loss" if aux else "none",
+                             moe_aux_loss_coeff=aux, moe_z_loss_coeff=z)
 
 
-def _router(routing="hybrid", slots=E, placement=None):
+def _router(routing="hybrid", slots=E, placement=None, aux=0.0, z=None):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_medmoe.model.router import FamilyRouter
 
-    router = FamilyRouter(_config(slots), ProcessGroupCollection.use_mpu_process_groups(), routing=routing,
+    router = FamilyRouter(_config(slots, aux, z), ProcessGroupCollection.use_mpu_process_groups(), routing=routing,
                           slot_of_expert=placement or list(range(E)))
     router.set_layer_number(1)
     return router
@@ -170,3 +172,29 @@ def test_router_rejects_misaligned_ids(megatron_single_rank):
     router = _router().train()
     with pytest.raises(ValueError, match="must be split like the hidden states"):
         router(torch.randn(4, 2, 16), torch.zeros(8, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("aux, z", [(1.0, None), (0.0, 0.5), (1.0, 0.5)])  # large: float32 differences
+def test_aux_and_z_loss_add_exactly_their_gradient(megatron_single_rank, aux, z):
+    """Off by default; when on, the router's gradient gains exactly that of the switch balance loss over the
+    dispatched tokens (E * sum_i f_i P_i, scaled by the coefficient) and of the z-loss."""
+    plain, regularised = _router().train(), _router(aux=aux, z=z).train()
+    regularised.weight.data.copy_(plain.weight.data)
+    x = torch.randn(8, 2, 16)
+    family = torch.randint(0, E, (8, 2))
+    for router in (plain, regularised):
+        router(x, family)[0].sum().backward()
+    w = plain.weight.detach().clone().requires_grad_(True)
+    logits = x.reshape(-1, 16) @ w.t()
+    probs = torch.softmax(logits, -1)
+    routing_map = routed(probs.detach(), K, "hybrid", True, family.reshape(-1)) > 0
+    tokens = routing_map.shape[0]
+    extra = torch.zeros(())
+    if aux:
+        f = routing_map.sum(0).float() / (tokens * K)
+        extra = extra + aux * E * (f * probs.mean(0)).sum()
+    if z:
+        extra = extra + z * torch.logsumexp(logits, -1).square().mean()
+    extra.backward()
+    torch.testing.assert_close(regularised.weight.grad - plain.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+    assert w.grad.abs().max() > 1e-3

@@ -1,7 +1,6 @@
 """The Post-MoE language model: megatron-core's GPTModel, Qwen2-shaped, whose forward takes family ids."""
 from __future__ import annotations
 
-import functools
 from typing import List, Optional
 
 import torch
@@ -10,6 +9,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from ..config import RunConfig, padded_vocab_size
+from .backend import use_transformer_engine
 from .placement import expert_slots
 from .spec import post_moe_block_spec
 from .transformer_config import build_transformer_config
@@ -32,30 +32,6 @@ class PostMoEGPTModel(GPTModel):
                 family_ids.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
         return super().forward(input_ids, position_ids, attention_mask, labels=labels,
                                padding_mask=family_ids, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def transformer_engine_available() -> bool:
-    """TransformerEngine is imported lazily: it needs a GPU and its CUDA libraries to import at all."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
-
-
-def use_transformer_engine(impl: str) -> bool:
-    if impl == "local":
-        return False
-    available = transformer_engine_available()
-    if impl == "transformer_engine" and not available:
-        raise RuntimeError(
-            "model.transformer_impl=transformer_engine, but TransformerEngine cannot be imported here "
-            f"({'no GPU is present' if not torch.cuda.is_available() else 'import transformer_engine.pytorch failed'}); "
-            "use model.transformer_impl=local or auto")
-    return available
 
 
 def build_model_chunks(cfg: RunConfig, num_experts: int) -> List[PostMoEGPTModel]:

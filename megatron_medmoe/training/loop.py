@@ -7,6 +7,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from ..config import RunConfig
 from ..data.batches import micro_batches, text_row_source
@@ -49,6 +50,8 @@ def _train(cfg: RunConfig) -> int:
         iteration = load_checkpoint(cfg.checkpoint.load, chunks)
         if dist.get_rank() == 0:
             print(f"loaded model weights from {cfg.checkpoint.load} (saved at step {iteration})", flush=True)
+    if tr.precision == "bf16":  # as Megatron-LM: bf16 weights, fp32 inputs cast in and the loss cast out
+        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
     model = wrap_ddp(chunks, on_gpu)
     optimizer = build_optimizer(model, tr, on_gpu)
     scheduler = build_scheduler(optimizer, tr)

@@ -84,8 +84,6 @@ class CpuOptimizer:
 def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool):
     params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
     if not on_gpu:
-        if tr.precision != "fp32":
-            raise RuntimeError("training.precision=bf16 needs GPUs: on CPU the model trains in fp32")
         adamw = torch.optim.AdamW(decay_groups(params, tr.weight_decay), lr=tr.lr,
                                   betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps)
         return CpuOptimizer(adamw, params, tr.clip_grad)

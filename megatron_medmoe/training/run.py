@@ -5,7 +5,10 @@ import os
 import sys
 from typing import Sequence
 
+import torch
+
 from ..config import ConfigError, dump_config, load_config, resolve_config, world_size_of
+from ..model.backend import BackendError, use_transformer_engine
 from ..runtime.env import LaunchEnvError, detect_launch_env
 from ..runtime.launch import run_local_workers
 
@@ -25,7 +28,10 @@ def run_train(config_path: str, overrides: Sequence[str]) -> int:
     try:
         env = detect_launch_env()
         cfg = resolve_config(load_config(config_path, overrides), world_size=env.world_size if env else None)
-    except (ConfigError, LaunchEnvError) as e:
+        use_transformer_engine(cfg.model.transformer_impl)
+        if cfg.training.precision == "bf16" and not torch.cuda.is_available():
+            raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
+    except (ConfigError, LaunchEnvError, BackendError) as e:
         print(f"medmoe train: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     if env is None:
