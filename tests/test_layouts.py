@@ -1,6 +1,6 @@
 """Layout equivalence: from the same initial weights (one checkpoint, loaded under each layout) the loss
 of several training steps is equal in fp32, within 1e-6 relative, for TP, EP (both token dispatchers),
-PP, interleaved PP, and combined 4-process layouts. Every run is `medmoe train` in real processes."""
+PP, interleaved PP, combined 4-process layouts, and other expert slot counts and placements. Every run is `medmoe train` in real processes."""
 import pytest
 
 from conftest import TINY, read_metrics, run_medmoe
@@ -17,6 +17,9 @@ LAYOUTS = {
     "pp2-interleaved": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
     "tp2xep2": ["parallel.tensor=2", "parallel.expert=2"],
     "pp2xep2": ["parallel.pipeline=2", "parallel.expert=2"],
+    # checkpoints are keyed by expert: 7 slots load the 8-slot checkpoint; a shuffled placement trains the same
+    "ep1-7-slots": ["moe.expert_slots=null"],
+    "ep2-placement": ["parallel.expert=2", "moe.expert_placement=[3,6,0,7,1,4,2]"],
 }
 
 

@@ -45,7 +45,7 @@ def read_text_documents(patterns: Sequence[str], registry: LanguageRegistry,
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise CorpusError(f"{where}: malformed JSON ({e.msg})") from e
+                    raise CorpusError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from e
                 if not isinstance(record, dict):
                     raise CorpusError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 text, lang = record.get("text"), record.get(language_field)

@@ -7,16 +7,20 @@ from typing import Iterable, List
 END_OF_TEXT = "<|endoftext|>"  # Qwen2's document separator and end-of-answer token
 
 
+class TokenizerError(OSError):
+    """A tokenizer directory that is missing or cannot be loaded."""
+
+
 def load_tokenizer(path: str):
     """A Hugging Face tokenizer from a local directory (never downloads)."""
     if not os.path.isdir(path):
-        raise OSError(f"tokenizer directory {path!r} does not exist")
+        raise TokenizerError(f"tokenizer directory {path!r} does not exist")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load a Hugging Face tokenizer from {path!r}: {e}") from e
+        raise TokenizerError(f"cannot load a Hugging Face tokenizer from {path!r}: {e}") from e
 
 
 def tokenizer_vocab_size(path: str) -> int:
@@ -30,7 +34,7 @@ def end_of_text_id(tokenizer) -> int:
         return int(tokenizer.eos_token_id)
     token_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no EOS token and no {END_OF_TEXT!r}: cannot separate documents")
+        raise TokenizerError(f"the tokenizer has no EOS token and no {END_OF_TEXT!r}: cannot separate documents")
     return int(token_id)
 
 

@@ -10,6 +10,7 @@ saved nor expected.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import List, Optional
 
 import torch
@@ -38,23 +39,29 @@ def _model_state(chunks) -> dict:
 
 
 def save_checkpoint(save_dir: str, iteration: int, chunks: List[torch.nn.Module], cfg: RunConfig) -> str:
-    """Write iteration `iteration` and then mark it latest (only after every rank finished writing)."""
-    path = iteration_dir(save_dir, iteration)
+    """Write iteration `iteration` beside its final place, move it there once every rank has finished
+    writing, then mark it latest: a crash mid-save leaves the previous checkpoints as they were."""
+    final = iteration_dir(save_dir, iteration)
+    partial = f"{final}.partial"
     if dist.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
     dist.barrier()
     state = _model_state(chunks)
     state["iteration"] = iteration
-    dist_checkpointing.save(state, path)
+    dist_checkpointing.save(state, partial)
     dist.barrier()
     if dist.get_rank() == 0:
-        dump_config(cfg, os.path.join(path, "run_config.yaml"))
+        dump_config(cfg, os.path.join(partial, "run_config.yaml"))
+        if os.path.exists(final):  # saving the same step again replaces it whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
         tmp = os.path.join(save_dir, f".{LATEST}.tmp")
         with open(tmp, "w") as f:
             f.write(f"{iteration}\n")
         os.replace(tmp, os.path.join(save_dir, LATEST))
     dist.barrier()
-    return path
+    return final
 
 
 def find_checkpoint(load_dir: str) -> str:

@@ -45,6 +45,8 @@ def _train(cfg: RunConfig) -> int:
     on_gpu = torch.cuda.is_available()
     tr, data = cfg.training, cfg.data
     registry = load_registry(data.language_table)
+    source = (text_row_source(data.paths, registry, load_tokenizer(data.tokenizer), data.seq_length, tr.seed,
+                              data.language_field) if tr.train_steps > 0 else None)
     chunks = build_model_chunks(cfg, registry.num_experts)
     if cfg.checkpoint.load:
         iteration = load_checkpoint(cfg.checkpoint.load, chunks)
@@ -57,8 +59,6 @@ def _train(cfg: RunConfig) -> int:
     scheduler = build_scheduler(optimizer, tr)
     metrics = TrainingMetrics(chunks, registry, cfg.model.num_layers, cfg.moe.moe_last_n, cfg.logging.output_dir)
 
-    source = (text_row_source(data.paths, registry, load_tokenizer(data.tokenizer), data.seq_length, tr.seed,
-                              data.language_field) if tr.train_steps > 0 else None)
     forward_step = make_forward_step(registry.num_experts)
     forward_backward = get_forward_backward_func()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -80,7 +80,8 @@ def _train(cfg: RunConfig) -> int:
                                    micro_batch_size=tr.micro_batch_size, forward_only=False)
         lr = current_lr(optimizer)
         updated, grad_norm, _ = optimizer.step()
-        scheduler.step(1)
+        if updated:  # a step skipped for a non-finite gradient does not advance the schedule (as Megatron-LM)
+            scheduler.step(1)
         metrics.add_step(sum_reports(reports), grad_norm, updated, tokens_per_step)
         done = step + 1
         if done % cfg.logging.log_interval == 0 or done == tr.train_steps:

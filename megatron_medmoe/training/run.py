@@ -15,6 +15,7 @@ from ..runtime.launch import run_local_workers
 # set on the workers `medmoe train` starts itself, whose parent already printed the resolved config
 LOCAL_WORKER_ENV = "MEDMOE_LOCAL_WORKER"
 EXIT_CONFIG_ERROR = 2
+EXIT_INPUT_ERROR = 3  # data, tokenizer or checkpoint that cannot be used
 
 
 def announce(cfg) -> None:
@@ -45,6 +46,13 @@ def run_train(config_path: str, overrides: Sequence[str]) -> int:
     from ..runtime.quiet import silence_known_noise
 
     silence_known_noise()
+    from ..data.text_corpus import CorpusError
+    from ..data.tokenizer import TokenizerError
+    from .checkpoint import CheckpointError
     from .loop import train  # heavy imports (megatron-core) only in ranks
 
-    return train(cfg, env)
+    try:
+        return train(cfg, env)
+    except (CorpusError, TokenizerError, CheckpointError) as e:  # bad input: say what and where, no traceback
+        print(f"medmoe train [rank {env.rank}]: {e}", file=sys.stderr, flush=True)
+        return EXIT_INPUT_ERROR
