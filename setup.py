@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "transformers>=4.45",
     "tokenizers",
     "safetensors",
+    "matplotlib",  # PNG charts: preprocessing summaries, analysis heatmaps
 ]
 
 EXTRAS = {

@@ -12,6 +12,16 @@ def _train(args) -> int:
     return run_train(args.config, args.overrides)
 
 
+def _preprocess(args) -> int:
+    from .data.preprocess import PreprocessOptions, preprocess_command
+
+    return preprocess_command(PreprocessOptions(
+        inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, fmt=args.format,
+        workers=args.workers, lang=args.lang, lang_field=args.lang_field, source_field=args.source_field,
+        text_field=args.text_field, language_table=args.language_table, on_error=args.on_error,
+        template=args.chat_template), quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmoe", description="Post-MoE language-family expert models on megatron-core")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -22,9 +32,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML recipe (see examples/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. parallel.tensor=2")
     train.set_defaults(func=_train)
+
+    pre = commands.add_parser(
+        "preprocess", help="JSONL corpora -> indexed datasets with a language per document",
+        description="Tokenize JSONL corpora into megatron-core indexed datasets (.bin/.idx) with a language and "
+                    "source per document, a JSON summary and a PNG chart of documents and tokens per language.")
+    pre.add_argument("--input", action="append", required=True, metavar="FILE_OR_GLOB",
+                     help="JSONL file(s); repeat for more")
+    pre.add_argument("--tokenizer", required=True, metavar="DIR", help="a Hugging Face tokenizer directory")
+    pre.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, ...")
+    pre.add_argument("--format", choices=["text", "chat"], default="text",
+                     help='text: {"text", "lang"} records, loss on all tokens; chat: conversations, loss on answers')
+    pre.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    pre.add_argument("--lang", metavar="CODE", help="the language of every record")
+    pre.add_argument("--lang-field", default="lang", help="record field holding the language code (default lang)")
+    pre.add_argument("--source-field", default="source",
+                     help="record field naming the source, e.g. medicalExam_sw: its second _ field is the language "
+                          "when there is no language field (default source; else the file name)")
+    pre.add_argument("--text-field", default="text", help="record field holding raw text (default text)")
+    pre.add_argument("--language-table", default="families", help="families, languages12 or a YAML table path")
+    pre.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                     help="fail: stop at the first bad record with file:line; skip: count it by reason and go on")
+    pre.add_argument("--chat-template", choices=["apollo", "tokenizer"], default="apollo",
+                     help="apollo: User:{q}\\nAssistant:{a}<|endoftext|>; tokenizer: the tokenizer's chat template")
+    pre.add_argument("--quiet", action="store_true", help="no progress line and no table")
+    pre.set_defaults(func=_preprocess)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from .runtime.quiet import silence_known_noise
+
+    silence_known_noise()
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))

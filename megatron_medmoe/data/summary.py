@@ -1,0 +1,46 @@
+"""What preprocessing read: a table per language and per family, and the same as a PNG bar chart."""
+from __future__ import annotations
+
+from typing import List
+
+
+def summary_table(summary: dict) -> str:
+    lines: List[str] = []
+    langs = sorted(summary["per_language"].items(), key=lambda kv: -kv[1]["tokens"])
+    width = max([len(v["name"]) for _, v in langs] + [8])
+    lines.append(f"{'code':<5} {'language':<{width}} {'family':<14} {'documents':>10} {'tokens':>12}")
+    for code, v in langs:
+        lines.append(f"{code:<5} {v['name']:<{width}} {v['family']:<14} {v['documents']:>10,} {v['tokens']:>12,}")
+    lines.append("")
+    lines.append(f"{'family':<{width + 6}} {'':<14} {'documents':>10} {'tokens':>12}")
+    for family, v in summary["per_family"].items():
+        lines.append(f"{family:<{width + 6}} {'':<14} {v['documents']:>10,} {v['tokens']:>12,}")
+    lines.append(f"{'total':<{width + 6}} {'':<14} {summary['documents']:>10,} {summary['tokens']:>12,}")
+    if summary["skipped"]:
+        lines.append("")
+        lines.append("skipped records: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(summary["skipped"].items())))
+        for reason, example in sorted(summary["skipped_examples"].items()):
+            lines.append(f"  e.g. {example}")
+    return "\n".join(lines)
+
+
+def write_chart(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = sorted(summary["per_language"].items(), key=lambda kv: -kv[1]["tokens"])
+    fams = list(summary["per_family"].items())
+    fig, axes = plt.subplots(2, 2, figsize=(12, 2.5 + 0.25 * max(len(langs), len(fams))), squeeze=False)
+    for col, key in enumerate(("documents", "tokens")):
+        for row, (items, title) in enumerate(((langs, "per language"), (fams, "per family"))):
+            ax = axes[row][col]
+            names = [k for k, _ in items][::-1]
+            ax.barh(names, [v[key] for _, v in items][::-1], color="#3b6ea5" if row == 0 else "#b5543c")
+            ax.set_title(f"{key} {title}")
+            ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"{summary['format']} corpus: {summary['documents']:,} documents, {summary['tokens']:,} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
