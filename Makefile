@@ -1,5 +1,6 @@
 # The two commands the README opens with; each sets itself up on a fresh machine.
-#   make demo   set up .venv, then train the tiny Post-MoE model on CPU (examples/tiny_cpu.yaml)
+#   make demo   set up .venv, then on CPU: preprocess the bundled corpora, continual pretraining
+#               (examples/tiny_cpt.yaml), then instruction tuning (examples/tiny_sft.yaml)
 #   make test   set up .venv, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +18,13 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
+MEDMOE := $(VENV)/bin/medmoe
+
 demo: setup
-	$(VENV)/bin/medmoe train examples/tiny_cpu.yaml
+	$(MEDMOE) preprocess --input 'examples/data/text/*.jsonl' --tokenizer examples/tokenizer --format text --output-prefix runs/data/tiny_text
+	$(MEDMOE) preprocess --input 'examples/data/chat/*.jsonl' --tokenizer examples/tokenizer --format chat --output-prefix runs/data/tiny_chat
+	$(MEDMOE) train examples/tiny_cpt.yaml
+	$(MEDMOE) train examples/tiny_sft.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -2,7 +2,7 @@
 
     python benchmarks/step_time.py [--steps 60] [--ab-steps 200]
 
-1. `medmoe train examples/tiny_cpu.yaml` for TP1, TP2, EP2, PP2 (same global batch of 16 x 128 tokens):
+1. `medmoe train examples/tiny_cpt.yaml` for TP1, TP2, EP2, PP2 (same global batch of 16 x 128 tokens):
    median milliseconds per step over the steps after the first log interval, and tokens/s.
 2. Hybrid-k vs plain top-k routing, in this process on one rank: the tiny model's forward-backward step
    (4 micro-batches through megatron-core's schedule) with the routers switched between the two modes
@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-RECIPE = os.path.join(ROOT, "examples", "tiny_cpu.yaml")
+RECIPE = os.path.join(ROOT, "examples", "tiny_cpt.yaml")  # needs runs/data/tiny_text (make demo, or the tests)
 SINGLE = ["parallel.expert=1", "moe.expert_slots=null"]
 LAYOUTS = {"TP1 (1 process)": SINGLE, "TP2": SINGLE + ["parallel.tensor=2"], "EP2": ["parallel.expert=2"],
            "PP2": SINGLE + ["parallel.pipeline=2"]}
@@ -63,8 +63,7 @@ def routing_ab(steps):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_medmoe.config import load_config, resolve_config
-    from megatron_medmoe.data.batches import micro_batches, text_row_source
-    from megatron_medmoe.data.tokenizer import load_tokenizer
+    from megatron_medmoe.data.loader import TrainingData
     from megatron_medmoe.languages import load_registry
     from megatron_medmoe.model.gpt import build_model_chunks
     from megatron_medmoe.model.router import FamilyRouter
@@ -75,15 +74,14 @@ def routing_ab(steps):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        cfg = resolve_config(load_config(RECIPE, SINGLE), world_size=1)
-        source = text_row_source(cfg.data.paths, load_registry(), load_tokenizer(cfg.data.tokenizer),
-                                 cfg.data.seq_length, cfg.training.seed)
+        cfg = resolve_config(load_config(RECIPE, SINGLE + ["training.train_steps=1"]), world_size=1)
+        data = TrainingData(cfg, load_registry())
     finally:
         os.chdir(cwd)
     model = wrap_ddp(build_model_chunks(cfg, 7), on_gpu=False)
     routers = [m for m in model[0].modules() if isinstance(m, FamilyRouter)]
     step_fn, schedule = make_forward_step(7), get_forward_backward_func()
-    batch = micro_batches(source, 0, cfg.training.global_batch_size, cfg.training.micro_batch_size, 0, 1)
+    batch = data.micro_batches(0, 0, 1)
     times = {"hybrid": [], "topk": []}
     for step in range(2 * steps + 20):
         routing = "hybrid" if step % 2 == 0 else "topk"

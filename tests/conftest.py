@@ -19,7 +19,22 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "examples" / "tiny_cpu.yaml")
+TINY = str(REPO / "examples" / "tiny_cpt.yaml")
+TINY_SFT = str(REPO / "examples" / "tiny_sft.yaml")
+TOKENIZER = str(REPO / "examples" / "tokenizer")
+TINY_DATA = {"text": REPO / "runs" / "data" / "tiny_text", "chat": REPO / "runs" / "data" / "tiny_chat"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_datasets():
+    """The bundled corpora, preprocessed where the tiny recipes expect them (as `make demo` does)."""
+    from megatron_medmoe.data.preprocess import PreprocessOptions, run_preprocess
+
+    for fmt, prefix in TINY_DATA.items():
+        if not Path(f"{prefix}.json").exists():
+            run_preprocess(PreprocessOptions(inputs=[str(REPO / "examples" / "data" / fmt / "*.jsonl")],
+                                             tokenizer=TOKENIZER, output_prefix=str(prefix), fmt=fmt), progress=False)
+    return TINY_DATA
 
 
 def cpu_env(**extra) -> dict:

@@ -22,7 +22,7 @@ def problems(overrides, world_size=None, path=TINY):
 
 def test_tiny_recipe_resolves():
     cfg = resolve_config(load_config(TINY))
-    assert cfg.model.vocab_size == 1024  # from the bundled tokenizer
+    assert cfg.model.vocab_size == 1024  # from the dataset's summary (the bundled tokenizer)
     assert cfg.parallel.data == 2  # the smallest data-parallel size that holds EP 2
     assert cfg.moe.expert_slots == 8 and cfg.parallel.expert_tensor == 1
     assert cfg.parallel.sequence_parallel is False
@@ -106,14 +106,19 @@ def test_more_layout_rules():
         ["parallel.tensor=2", "parallel.sequence_parallel=false", "parallel.expert=1", "moe.expert_slots=null"])
     assert "training.global_batch_size (6) must be a positive multiple" in problems(["training.global_batch_size=6"])
     assert "moe.expert_placement: two experts share a slot" in problems(["moe.expert_placement=[0,0,1,2,3,4,5]"])
-    assert "data.paths: 'nowhere/*.jsonl' matches no file" in problems(["data.paths=[nowhere/*.jsonl]"])
+    assert "data.datasets[0].prefix: 'nowhere/x' is not a preprocessed dataset" in problems(
+        ["data.datasets=[{prefix: nowhere/x}]"])
+    assert "data.datasets[0].weight must be > 0" in problems(["data.datasets=[{prefix: runs/data/tiny_text, weight: 0}]"])
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["training.lr=1e-4", "data.paths=[a.jsonl, b.jsonl]", "parallel.data=null",
-                             "model.tie_embeddings=true"])
+    cfg = load_config(None, ["training.lr=1e-4", "data.datasets=[{prefix: a, weight: 2}, {prefix: b}]",
+                             "parallel.data=null", "model.tie_embeddings=true"])
     assert cfg.training.lr == pytest.approx(1e-4)
-    assert cfg.data.paths == ["a.jsonl", "b.jsonl"] and cfg.parallel.data is None and cfg.model.tie_embeddings
+    assert [(d.prefix, d.weight) for d in cfg.data.datasets] == [("a", 2.0), ("b", 1.0)]
+    assert cfg.parallel.data is None and cfg.model.tie_embeddings
+    with pytest.raises(ConfigError, match="data.datasets: expected a list of DatasetSpec"):
+        load_config(None, ["data.datasets=[{prefix: a, wieght: 2}]"])
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -34,15 +34,17 @@ def test_readme_opens_with_the_two_commands():
     assert "make test" in (REPO / ".ci" / "run").read_text()  # CI runs the test command
 
 
-def test_make_demo_trains_and_the_loss_goes_down():
+def test_make_demo_preprocesses_then_trains_both_stages():
     proc = run_block("make demo")
-    records = read_metrics(REPO / "runs" / "tiny_cpu")
-    assert records[-1]["step"] == 300
-    assert records[-1]["loss"] < records[0]["loss"] - 3.0
-    assert len(records[-1]["family_loss"]) == 7
-    for family, loss in records[-1]["family_loss"].items():
-        assert loss < records[0]["family_loss"].get(family, 7.0) - 2.0, family
-    assert "loss by family: Sino-Tibetan" in proc.stdout and "expert share" in proc.stdout
+    cpt, sft = read_metrics(REPO / "runs" / "tiny_cpt"), read_metrics(REPO / "runs" / "tiny_sft")
+    assert cpt[-1]["step"] == 300 and cpt[-1]["loss"] < cpt[0]["loss"] - 3.0
+    assert len(cpt[-1]["family_loss"]) == 7
+    for family, loss in cpt[-1]["family_loss"].items():
+        assert loss < cpt[0]["family_loss"].get(family, 7.0) - 2.0, family
+    assert "loaded model weights from runs/tiny_cpt/checkpoints (saved at step 300)" in proc.stdout
+    assert sft[-1]["step"] == 120 and sft[-1]["loss"] < sft[0]["loss"] - 1.0
+    assert sft[0]["loss"] < cpt[0]["loss"] - 2.0  # stage 2 starts from stage 1's weights, not from scratch
+    assert "English" in proc.stdout and "loss by family: Sino-Tibetan" in proc.stdout and "expert share" in proc.stdout
 
 
 @pytest.mark.multiprocess
@@ -51,8 +53,9 @@ def test_every_other_shell_block_runs():
     assert len(blocks) >= 2
     for block in blocks[1:]:
         run_block(block)
-    for out in ("tp2", "pp2ep2", "torchrun"):
+    for out in ("tp2", "pp2ep2", "temperature", "torchrun"):
         assert read_metrics(REPO / "runs" / out)[-1]["step"] == 50
+    assert (REPO / "runs" / "data" / "kongolese.json").exists() and (REPO / "runs" / "data" / "chat_copy.png").exists()
 
 
 def test_configuration_reference_is_current():

@@ -116,6 +116,13 @@ def _coerce(value: Any, hint) -> Tuple[bool, Any, str]:
             return False, value, f"a list of {item.__name__}"
         out = []
         for v in value:
+            if dataclasses.is_dataclass(item):
+                problems: List[str] = []
+                built = _build(item, v, "", problems)
+                if problems:
+                    return False, value, f"a list of {item.__name__} ({'; '.join(problems)})"
+                out.append(built)
+                continue
             ok, c, _ = _coerce(v, item)
             if not ok:
                 return False, value, f"a list of {item.__name__}"

@@ -52,12 +52,22 @@ def render_reference() -> str:
     ]
     hints = typing.get_type_hints(RunConfig)
     for section in dataclasses.fields(RunConfig):
-        cls = hints[section.name]
-        lines += [f"## `{section.name}`", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-        comments, field_hints = _comments(cls), typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
-            lines.append(f"| `{f.name}` | {_type_name(field_hints[f.name])} | `{shown}` | {comments.get(f.name, '')} |")
-        lines.append("")
+        lines += _table(f"`{section.name}`", hints[section.name])
     return "\n".join(lines)
+
+
+def _table(title: str, cls) -> List[str]:
+    lines = [f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    comments, field_hints = _comments(cls), typing.get_type_hints(cls)
+    nested = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
+        lines.append(f"| `{f.name}` | {_type_name(field_hints[f.name])} | `{shown}` | {comments.get(f.name, '')} |")
+        item = typing.get_args(field_hints[f.name])
+        if typing.get_origin(field_hints[f.name]) is list and item and dataclasses.is_dataclass(item[0]):
+            nested.append((f.name, item[0]))
+    lines.append("")
+    for name, item in nested:
+        lines += _table(f"`{title.strip('`')}.{name}` entries ({item.__name__})", item)
+    return lines

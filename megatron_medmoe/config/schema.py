@@ -86,12 +86,30 @@ class TrainingConfig:
 
 
 @dataclass
+class DatasetSpec:
+    prefix: str = ""  # a `medmoe preprocess --output-prefix` (PREFIX.bin, .idx, .json, ...)
+    weight: float = 1.0  # its share of the documents when data.sampling is weighted
+
+
+@dataclass
 class DataConfig:
-    paths: List[str] = field(default_factory=list)  # JSONL files or globs, one {"text", "lang"} per line
-    tokenizer: str = "examples/tokenizer"  # a Hugging Face tokenizer directory
+    datasets: List[DatasetSpec] = field(default_factory=list)  # preprocessed datasets to train on
+    # weighted: by data.datasets[].weight; apollo: ApolloMoE's priority recipe; temperature: p(language) ~ tokens^alpha
+    sampling: Literal["weighted", "apollo", "temperature"] = "weighted"
+    temperature_alpha: float = 0.3  # for sampling: temperature
+    knowledge_sources: List[str] = field(default_factory=lambda: ["*_qa"])  # apollo: knowledge Q&A source names (globs)
+    knowledge_priority: float = 16.0  # apollo: sampling priority of knowledge Q&A documents
+    knowledge_epochs: int = 1  # apollo: times each knowledge Q&A document enters the pool
+    other_priority: float = 2.0  # apollo: priority of everything else (exams, dialogues, general, code, math)
+    other_epochs: int = 2  # apollo: times each other document enters the pool
     seq_length: int = 128  # tokens per packed row
+    # whole_documents: a document that does not fit the row's rest starts the next row, the rest is padding
+    # (the released recipe); continuous: concatenate and cut, no padding (megatron-core's GPT datasets)
+    packing: Literal["whole_documents", "continuous"] = "whole_documents"
+    # shared: packed documents attend to each other (the released recipe); per_document: each only to itself
+    attention: Literal["shared", "per_document"] = "shared"
+    loader: Literal["default", "dali"] = "default"  # dali: prefetch rows through an NVIDIA DALI pipeline
     language_table: str = "families"  # `families`, `languages12` or a path to your own table
-    language_field: str = "lang"  # the JSONL field holding each document's language code
 
 
 @dataclass

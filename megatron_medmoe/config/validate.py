@@ -6,7 +6,7 @@ ConfigError listing every broken rule with the field that breaks it and what to 
 from __future__ import annotations
 
 import copy
-import glob
+import json
 import math
 import os
 from typing import List, Optional
@@ -134,12 +134,17 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
         need(pp > 1,
              "parallel.virtual_pipeline needs parallel.pipeline > 1 (it interleaves model chunks across stages)")
 
-    if m.vocab_size is None and check_files:
-        from ..data.tokenizer import tokenizer_vocab_size  # local: avoid loading tokenizers for every import
-        try:
-            m.vocab_size = tokenizer_vocab_size(data.tokenizer)
-        except (OSError, ValueError) as e:
-            problems.append(f"model.vocab_size is null, so it comes from data.tokenizer, which failed: {e}")
+    if check_files:
+        for i, spec in enumerate(data.datasets):
+            if not os.path.isfile(spec.prefix + ".json"):
+                problems.append(f"data.datasets[{i}].prefix: {spec.prefix!r} is not a preprocessed dataset "
+                                f"(no {spec.prefix}.json): run `medmoe preprocess --output-prefix {spec.prefix} ...` first")
+        if m.vocab_size is None and data.datasets and os.path.isfile(data.datasets[0].prefix + ".json"):
+            with open(data.datasets[0].prefix + ".json", encoding="utf-8") as f:
+                m.vocab_size = int(json.load(f)["vocab_size"])
+    if m.vocab_size is None and not problems:
+        problems.append("model.vocab_size is null and there is no dataset to take it from: set model.vocab_size "
+                        "or list data.datasets")
     if m.vocab_size is not None:
         padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
         need(padded % tp == 0,
@@ -188,17 +193,21 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
     need(not bad_modules, f"training.recompute_modules: unknown {bad_modules}; choose from {list(RECOMPUTE_MODULES)}")
 
     # --- data, logging, checkpoint
+    if tr.train_steps > 0:
+        need(bool(data.datasets), "data.datasets: no training data (a list of {prefix: ..., weight: ...} from "
+                                  "`medmoe preprocess`)")
+    for i, spec in enumerate(data.datasets):
+        need(spec.weight > 0, f"data.datasets[{i}].weight must be > 0, got {spec.weight}")
+    need(data.temperature_alpha > 0, f"data.temperature_alpha must be > 0, got {data.temperature_alpha}")
+    need(data.knowledge_priority > 0 and data.other_priority > 0, "data.knowledge_priority and data.other_priority "
+                                                                  "must be > 0")
+    need(data.knowledge_epochs >= 0 and data.other_epochs >= 0 and data.knowledge_epochs + data.other_epochs > 0,
+         "data.knowledge_epochs and data.other_epochs must be >= 0, and not both 0")
     need(cfg.logging.log_interval >= 1, "logging.log_interval must be at least 1")
     if cfg.checkpoint.save_interval is not None:
         need(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be at least 1")
-    if check_files:
-        if tr.train_steps > 0:
-            need(bool(data.paths), "data.paths: no training data given (a list of JSONL files or globs)")
-        for pattern in data.paths:
-            need(bool(glob.glob(pattern)), f"data.paths: {pattern!r} matches no file")
-        need(os.path.isdir(data.tokenizer), f"data.tokenizer: {data.tokenizer!r} is not a directory")
-        if cfg.checkpoint.load is not None:
-            need(os.path.isdir(cfg.checkpoint.load), f"checkpoint.load: {cfg.checkpoint.load!r} is not a directory")
+    if check_files and cfg.checkpoint.load is not None:
+        need(os.path.isdir(cfg.checkpoint.load), f"checkpoint.load: {cfg.checkpoint.load!r} is not a directory")
 
     if problems:
         raise ConfigError(problems)

@@ -1,51 +1,69 @@
-"""Training batches: an endless, seeded sequence of packed rows, cut into each rank's micro-batches.
+"""Packed rows -> the tensors of a micro-batch, and each rank's micro-batches of a step.
 
-Every rank computes the same row sequence on its own, so no data is broadcast: tensor-parallel ranks and
-pipeline stages of one data-parallel replica take the same rows, data-parallel replicas disjoint ones.
-The position in the data is the number of global batches consumed, so resuming at a step resumes at
-the exact row.
+Per position: the token, its label (the document's next token: labels never cross into another
+document, so each document's end-of-text is predicted and the next document's first token is not), the
+loss mask (the dataset's mask of the label token: answers only for chat, everything for raw text; 0 for
+padding), the family id of its document (padding: the last document's), and the position id.
+`attention: shared` lets packed documents see each other, as the released recipe does (positions run
+through the row); `per_document` restarts positions at each document piece and masks attention to
+each piece.
+
+Every rank computes the same rows, so nothing is broadcast: tensor-parallel ranks and pipeline stages of
+one data-parallel replica take the same rows, data-parallel replicas disjoint ones. The data position is
+the number of global batches consumed: resuming at a step resumes at the exact row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from .packing import PackedRows, pack_documents
+from .dataset import PreprocessedDataset
+from .packing import RowSegments
 
 MicroBatch = Dict[str, torch.Tensor]
+ATTENTION = ("shared", "per_document")
 
 
-@dataclass
-class RowSource:
-    """Epoch e packs the documents in the e-th seeded permutation; every epoch has the same row count."""
+class RowBuilder:
+    def __init__(self, datasets: Sequence[PreprocessedDataset], family_ids: Sequence[np.ndarray],
+                 segments: RowSegments, seq_length: int, attention: str, pad_id: int):
+        self.datasets, self.family_ids, self.segments = datasets, family_ids, segments
+        self.seq_length, self.attention, self.pad_id = seq_length, attention, pad_id
+        self.lengths = [ds.lengths for ds in datasets]
 
-    documents: Sequence[Tuple[Sequence[int], int]]  # (token ids, family id)
-    seq_length: int
-    end_of_text: int
-    seed: int
+    @property
+    def num_rows(self) -> int:
+        return self.segments.num_rows
 
-    def __post_init__(self):
-        self._epoch = -1
-        self._rows: PackedRows = self._pack(0)
-        self.rows_per_epoch = self._rows.num_rows
-
-    def _pack(self, epoch: int) -> PackedRows:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.documents))
-        self._epoch = epoch
-        return pack_documents([self.documents[i] for i in order], self.seq_length, self.end_of_text)
-
-    def rows(self, start: int, count: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens [count, S+1], family_ids [count, S+1], loss_mask [count, S]) for rows start..start+count."""
-        parts = []
-        for index in range(start, start + count):
-            epoch, offset = divmod(index, self.rows_per_epoch)
-            if epoch != self._epoch:
-                self._rows = self._pack(epoch)
-            parts.append((self._rows.tokens[offset], self._rows.family_ids[offset], self._rows.loss_mask[offset]))
-        return tuple(np.stack(column) for column in zip(*parts))
+    def row(self, index: int) -> Dict[str, np.ndarray]:
+        s = self.seq_length
+        tokens = np.full(s, self.pad_id, dtype=np.int64)
+        labels = np.full(s, self.pad_id, dtype=np.int64)
+        loss_mask = np.zeros(s, dtype=np.float32)
+        family = np.zeros(s, dtype=np.int64)
+        positions = np.arange(s, dtype=np.int64)
+        piece = np.zeros(s, dtype=np.int64)  # which document piece each position belongs to
+        at = 0
+        for k, (d, doc, start, length) in enumerate(self.segments.segments(index)):
+            available = min(length + 1, int(self.lengths[d][doc]) - start)  # one more token for the last label
+            ids, mask = self.datasets[d].read(doc, start, available)
+            tokens[at:at + length] = ids[:length]
+            labels[at:at + available - 1] = ids[1:]
+            loss_mask[at:at + available - 1] = mask[1:]
+            family[at:at + length] = self.family_ids[d][doc]
+            if self.attention == "per_document":
+                positions[at:at + length] = np.arange(length)
+            piece[at:at + length] = k
+            at += length
+        if at < s:  # padding: no loss, the last document's family id, a piece of its own
+            family[at:] = family[at - 1] if at else 0
+            piece[at:] = piece[at - 1] + 1 if at else 0
+            if self.attention == "per_document":
+                positions[at:] = np.arange(s - at)
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "family_ids": family,
+                "position_ids": positions, "piece": piece}
 
 
 def causal_mask(seq_length: int) -> torch.Tensor:
@@ -53,36 +71,30 @@ def causal_mask(seq_length: int) -> torch.Tensor:
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1).view(1, 1, seq_length, seq_length)
 
 
-def micro_batches(source: RowSource, step: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> List[MicroBatch]:
-    """This data-parallel rank's micro-batches of global batch `step`."""
+def document_mask(piece: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] causal attention within each document piece only (True = not allowed)."""
+    same = piece.unsqueeze(-1) == piece.unsqueeze(-2)
+    s = piece.shape[-1]
+    causal = torch.tril(torch.ones(s, s, dtype=torch.bool))
+    return ~(same & causal).unsqueeze(1)
+
+
+def collate(rows: List[Dict[str, np.ndarray]], attention: str) -> MicroBatch:
+    batch = {key: torch.from_numpy(np.stack([r[key] for r in rows])) for key in rows[0]}
+    piece = batch.pop("piece")
+    seq = piece.shape[-1]
+    batch["attention_mask"] = causal_mask(seq) if attention == "shared" else document_mask(piece)
+    return batch
+
+
+def rows_of_step(step: int, global_batch_size: int, dp_rank: int, dp_size: int) -> range:
     per_rank = global_batch_size // dp_size
     first = step * global_batch_size + dp_rank * per_rank
-    seq = source.seq_length
-    mask = causal_mask(seq)
-    positions = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(micro_batch_size, seq)
-    out = []
-    for m in range(per_rank // micro_batch_size):
-        tokens, families, loss_mask = source.rows(first + m * micro_batch_size, micro_batch_size)
-        tokens = torch.from_numpy(tokens)
-        out.append({
-            "tokens": tokens[:, :-1].contiguous(),
-            "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "family_ids": torch.from_numpy(families[:, :-1]).contiguous(),
-            "position_ids": positions,
-            "attention_mask": mask,
-        })
-    return out
+    return range(first, first + per_rank)
 
 
-def text_row_source(paths: Sequence[str], registry, tokenizer, seq_length: int, seed: int,
-                    language_field: str = "lang") -> RowSource:
-    """Read and tokenize raw-text JSONL documents (small corpora: everything is held in memory)."""
-    from .text_corpus import read_text_documents
-    from .tokenizer import end_of_text_id
-
-    docs = list(read_text_documents(paths, registry, language_field))
-    token_ids = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    return RowSource(documents=[(ids, d.family_id) for ids, d in zip(token_ids, docs)], seq_length=seq_length,
-                     end_of_text=end_of_text_id(tokenizer), seed=seed)
+def micro_batches(builder: RowBuilder, step: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int) -> List[MicroBatch]:
+    """This data-parallel rank's micro-batches of global batch `step`."""
+    rows = [builder.row(r) for r in rows_of_step(step, global_batch_size, dp_rank, dp_size)]
+    return [collate(rows[i:i + micro_batch_size], builder.attention) for i in range(0, len(rows), micro_batch_size)]

@@ -1,48 +1,69 @@
-"""Pack tokenized documents into rows of `seq_length` tokens, every token tagged with its family id.
+"""Packing the document stream into rows of `seq_length` tokens; nothing is ever dropped.
 
-Documents are concatenated (each followed by end-of-text) into one stream and cut into rows: a document
-longer than a row continues in the next row, never dropped. Row i holds stream tokens
-[i * seq_length, (i + 1) * seq_length] (one extra token for the labels). The tail of the last row is
-padding: end-of-text tokens that carry the last document's family id and have no loss.
+- whole_documents (the released recipe): documents go into the current row while they fit; one that does
+  not fit (but would fit an empty row) closes the row, whose tail becomes padding, and starts the next.
+- continuous (megatron-core's GPT datasets): documents are concatenated and cut at row boundaries, so a
+  document may start in one row and end in the next; no padding.
+Either way a document longer than a row fills the current row and continues in the following ones.
+A row is a list of segments (dataset, document, start, length).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 
+from .blending import Plan
+
 
 @dataclass(frozen=True)
-class PackedRows:
-    tokens: np.ndarray  # [rows, seq_length + 1] int64: inputs are [:, :-1], labels [:, 1:]
-    family_ids: np.ndarray  # [rows, seq_length + 1] int64: family of each token's document
-    loss_mask: np.ndarray  # [rows, seq_length] float32: 0 where the label is padding
+class RowSegments:
+    row_ptr: np.ndarray  # [rows + 1]: row r is segments row_ptr[r]:row_ptr[r+1]
+    dataset: np.ndarray
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
 
     @property
     def num_rows(self) -> int:
-        return self.tokens.shape[0]
+        return len(self.row_ptr) - 1
+
+    def segments(self, row: int):
+        lo, hi = self.row_ptr[row], self.row_ptr[row + 1]
+        return zip(self.dataset[lo:hi].tolist(), self.doc[lo:hi].tolist(), self.start[lo:hi].tolist(),
+                   self.length[lo:hi].tolist())
 
 
-def pack_documents(documents: Sequence[Tuple[Sequence[int], int]], seq_length: int, end_of_text: int) -> PackedRows:
-    """documents: (token ids, family id) pairs in packing order."""
-    if not documents:
-        raise ValueError("nothing to pack: no documents")
-    lengths = np.array([len(ids) + 1 for ids, _ in documents], dtype=np.int64)
-    stream = np.empty(int(lengths.sum()), dtype=np.int64)
-    families = np.repeat(np.array([fam for _, fam in documents], dtype=np.int64), lengths)
-    pos = 0
-    for (ids, _), n in zip(documents, lengths):
-        stream[pos:pos + n - 1] = ids
-        stream[pos + n - 1] = end_of_text
-        pos += n
-    real = len(stream)
-    num_rows = max(1, -(-(real - 1) // seq_length))  # enough rows for every real label
-    total = num_rows * seq_length + 1
-    padded_stream = np.full(total, end_of_text, dtype=np.int64)
-    padded_families = np.full(total, families[-1], dtype=np.int64)
-    padded_stream[:real], padded_families[:real] = stream, families
-    starts = np.arange(num_rows)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
-    label_positions = starts[:, 1:]
-    loss_mask = (label_positions < real).astype(np.float32)
-    return PackedRows(tokens=padded_stream[starts], family_ids=padded_families[starts], loss_mask=loss_mask)
+PACKING = ("whole_documents", "continuous")
+
+
+def pack(plan: Plan, lengths: Sequence[np.ndarray], seq_length: int, num_rows: int,
+         packing: str = "whole_documents") -> RowSegments:
+    seg_ds, seg_doc, seg_start, seg_len, row_ptr = [], [], [], [], [0]
+    fill = 0
+    documents = ((d, i) for ds, doc in plan for d, i in zip(ds.tolist(), doc.tolist()))
+    for d, i in documents:
+        n = int(lengths[d][i])
+        if packing == "whole_documents" and 0 < fill and fill + n > seq_length >= n:  # pad, start the next row
+            row_ptr.append(len(seg_ds))
+            fill = 0
+        pos = 0
+        while pos < n and len(row_ptr) <= num_rows:
+            take = min(seq_length - fill, n - pos)
+            seg_ds.append(d)
+            seg_doc.append(i)
+            seg_start.append(pos)
+            seg_len.append(take)
+            fill += take
+            pos += take
+            if fill == seq_length:
+                row_ptr.append(len(seg_ds))
+                fill = 0
+        if len(row_ptr) > num_rows:
+            break
+    row_ptr = row_ptr[: num_rows + 1]
+    end = row_ptr[-1]
+    as_array = lambda values: np.asarray(values[:end], dtype=np.int64)  # noqa: E731
+    return RowSegments(np.asarray(row_ptr, dtype=np.int64), as_array(seg_ds), as_array(seg_doc),
+                       as_array(seg_start), as_array(seg_len))

@@ -10,8 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..config import RunConfig
-from ..data.batches import micro_batches, text_row_source
-from ..data.tokenizer import load_tokenizer
+from ..data.loader import TrainingData
 from ..languages import load_registry
 from ..model.gpt import build_model_chunks
 from ..runtime.distributed import initialize_distributed, shutdown_distributed
@@ -45,8 +44,7 @@ def _train(cfg: RunConfig) -> int:
     on_gpu = torch.cuda.is_available()
     tr, data = cfg.training, cfg.data
     registry = load_registry(data.language_table)
-    source = (text_row_source(data.paths, registry, load_tokenizer(data.tokenizer), data.seq_length, tr.seed,
-                              data.language_field) if tr.train_steps > 0 else None)
+    training_data = TrainingData(cfg, registry) if tr.train_steps > 0 else None  # bad data fails before the model
     chunks = build_model_chunks(cfg, registry.num_experts)
     if cfg.checkpoint.load:
         iteration = load_checkpoint(cfg.checkpoint.load, chunks)
@@ -64,6 +62,8 @@ def _train(cfg: RunConfig) -> int:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     tokens_per_step = tr.global_batch_size * data.seq_length
     if dist.get_rank() == 0:
+        if training_data is not None:
+            print(training_data.describe(), flush=True)
         params = sum(p.numel() for c in chunks for p in c.parameters())
         print(f"training {tr.train_steps} steps on {dist.get_world_size()} ranks "
               f"(TP {cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, EP {cfg.parallel.expert}, DP {dp_size}); "
@@ -73,7 +73,7 @@ def _train(cfg: RunConfig) -> int:
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        batch = micro_batches(source, step, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size)
+        batch = training_data.micro_batches(step, dp_rank, dp_size)
         iterators = [iter(batch) for _ in model] if len(model) > 1 else iter(batch)
         reports = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
                                    num_microbatches=len(batch), seq_length=data.seq_length,

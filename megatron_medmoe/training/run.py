@@ -29,7 +29,9 @@ def run_train(config_path: str, overrides: Sequence[str]) -> int:
     try:
         env = detect_launch_env()
         cfg = resolve_config(load_config(config_path, overrides), world_size=env.world_size if env else None)
-        use_transformer_engine(cfg.model.transformer_impl)
+        if use_transformer_engine(cfg.model.transformer_impl) and cfg.data.attention == "per_document":
+            raise BackendError("data.attention=per_document is not supported with TransformerEngine layers yet: "
+                               "use model.transformer_impl=local, or data.attention=shared")
         if cfg.training.precision == "bf16" and not torch.cuda.is_available():
             raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
     except (ConfigError, LaunchEnvError, BackendError) as e:
@@ -46,13 +48,12 @@ def run_train(config_path: str, overrides: Sequence[str]) -> int:
     from ..runtime.quiet import silence_known_noise
 
     silence_known_noise()
-    from ..data.text_corpus import CorpusError
-    from ..data.tokenizer import TokenizerError
+    from ..data.dataset import DatasetError
     from .checkpoint import CheckpointError
     from .loop import train  # heavy imports (megatron-core) only in ranks
 
     try:
         return train(cfg, env)
-    except (CorpusError, TokenizerError, CheckpointError) as e:  # bad input: say what and where, no traceback
+    except (DatasetError, CheckpointError) as e:  # bad input: say what and where, no traceback
         print(f"medmoe train [rank {env.rank}]: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT_ERROR

@@ -65,7 +65,7 @@ def main():
     overrides = [a for a in sys.argv[3:] if "=" in a]
     granularity = {"none": "null", "full": "full", "moe": "selective"}[recompute]
     env = detect_launch_env()
-    cfg = resolve_config(load_config("examples/tiny_cpu.yaml", [
+    cfg = resolve_config(load_config("examples/tiny_cpt.yaml", [
         "parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=1", "moe.expert_slots=null", "moe.moe_last_n=3",
         f"training.recompute_granularity={granularity}", "training.recompute_modules=[moe]",
         f"training.micro_batch_size={MBS}", f"training.global_batch_size={MBS * NUM_MICRO}",

@@ -1,0 +1,76 @@
+"""Training data for a run: open the preprocessed datasets, plan the document order, pack the rows.
+
+The default loader assembles each step's micro-batches on demand; `data.loader: dali` (dali_loader.py)
+prefetches the same rows through an NVIDIA DALI pipeline.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+
+from ..config import RunConfig
+from ..languages import LanguageRegistry
+from .batches import MicroBatch, RowBuilder, micro_batches
+from .blending import apollo_plan, language_shares, temperature_plan, weighted_plan
+from .dataset import DatasetError, PreprocessedDataset
+from .packing import pack
+
+
+def open_datasets(cfg: RunConfig) -> List[PreprocessedDataset]:
+    datasets = [PreprocessedDataset.open(spec.prefix) for spec in cfg.data.datasets]
+    first = datasets[0].summary
+    for ds in datasets[1:]:
+        if (ds.summary["vocab_size"], ds.summary["end_of_text_id"]) != (first["vocab_size"], first["end_of_text_id"]):
+            raise DatasetError(f"datasets {datasets[0].prefix!r} and {ds.prefix!r} were tokenized with different "
+                               "tokenizers (vocabulary size or end-of-text id differ)")
+    if cfg.model.vocab_size is not None and first["vocab_size"] > cfg.model.vocab_size:
+        raise DatasetError(f"the datasets use {first['vocab_size']} token ids but model.vocab_size is "
+                           f"{cfg.model.vocab_size}")
+    return datasets
+
+
+def document_plan(cfg: RunConfig, datasets: List[PreprocessedDataset]):
+    data, seed = cfg.data, cfg.training.seed
+    if data.sampling == "weighted":
+        return weighted_plan([len(ds) for ds in datasets], [spec.weight for spec in data.datasets], seed)
+    if data.sampling == "apollo":
+        return apollo_plan([ds.sources() for ds in datasets], seed, data.knowledge_sources, data.knowledge_priority,
+                           data.knowledge_epochs, data.other_priority, data.other_epochs)
+    return temperature_plan([ds.languages() for ds in datasets], [ds.lengths for ds in datasets],
+                            data.temperature_alpha, seed)
+
+
+class TrainingData:
+    def __init__(self, cfg: RunConfig, registry: LanguageRegistry):
+        self.cfg = cfg
+        self.datasets = open_datasets(cfg)
+        tr = cfg.training
+        num_rows = tr.train_steps * tr.global_batch_size
+        segments = pack(document_plan(cfg, self.datasets), [ds.lengths for ds in self.datasets],
+                        cfg.data.seq_length, num_rows, cfg.data.packing)
+        self.builder = RowBuilder(self.datasets, [ds.family_ids(registry) for ds in self.datasets], segments,
+                                  cfg.data.seq_length, cfg.data.attention, self.datasets[0].summary["end_of_text_id"])
+
+    def describe(self) -> str:
+        data = self.cfg.data
+        docs = sum(len(ds) for ds in self.datasets)
+        used = len(set(zip(self.builder.segments.dataset.tolist(), self.builder.segments.doc.tolist())))
+        text = (f"data: {len(self.datasets)} dataset(s), {docs:,} documents; sampling {data.sampling}; "
+                f"{self.builder.num_rows:,} rows of {data.seq_length} tokens ({used:,} distinct documents), "
+                f"packing {data.packing} ({padding_share(self.builder):.0%} padding), attention {data.attention}")
+        if data.sampling == "temperature":
+            shares = language_shares([ds.languages() for ds in self.datasets], [ds.lengths for ds in self.datasets],
+                                     data.temperature_alpha)
+            text += "; language shares " + " ".join(f"{c} {p:.2f}" for c, p in shares.items())
+        return text
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
+        tr = self.cfg.training
+        return micro_batches(self.builder, step, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size)
+
+
+def padding_share(builder: RowBuilder) -> float:
+    """Fraction of row positions that are padding."""
+    segments = builder.segments
+    return 1.0 - float(np.sum(segments.length)) / (segments.num_rows * builder.seq_length)
