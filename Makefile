@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,dali]"
 	touch $@
 
 setup: $(VENV)/.installed

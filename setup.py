@@ -19,7 +19,8 @@ EXTRAS = {
     "test": ["pytest>=7", "pytest-timeout"],
     "slurm": ["submitit>=1.5"],
     "mpi": ["mpi4py>=3.1"],
-    "dali": ["nvidia-dali-cuda120"],
+    # the CUDA 13 build also runs CPU pipelines; on CUDA 12 nodes install nvidia-dali-cuda120 instead
+    "dali": ["nvidia-dali-cuda130"],
     "wandb": ["wandb", "tensorboard"],
     # TransformerEngine must match the node's CUDA and torch; NVIDIA's PyTorch images ship it and apex.
     "gpu": ["transformer-engine[pytorch]>=2.2"],

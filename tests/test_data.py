@@ -214,3 +214,19 @@ def test_dataset_language_must_be_in_the_runs_table():
     with pytest.raises(Exception, match="unknown language code 'ceb'"):
         ds.family_ids(load_registry("languages12"))
     assert set(ds.family_ids(load_registry("families")).tolist()) == set(range(7))
+
+
+def test_dali_loader_serves_the_same_batches(sft_data):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
+    from megatron_medmoe.data.dali_loader import DaliLoader
+
+    cfg, data = sft_data
+    tr = cfg.training
+    dali = DaliLoader(data.builder, tr.global_batch_size, tr.micro_batch_size, 1, 2, first_step=2,
+                      num_steps=tr.train_steps)
+    for step in (2, 3, 4):
+        for ours, theirs in zip(data.micro_batches(step, 1, 2), dali.micro_batches(step, 1, 2)):
+            assert set(ours) == set(theirs)
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), step
+    with pytest.raises(RuntimeError, match="expected step 5"):
+        dali.micro_batches(3, 1, 2)

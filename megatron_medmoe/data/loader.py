@@ -70,6 +70,17 @@ class TrainingData:
         return micro_batches(self.builder, step, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size)
 
 
+def batch_source(data: TrainingData, dp_rank: int, dp_size: int, first_step: int = 0):
+    """What the loop asks for micro-batches: the data itself, or a DALI pipeline over the same rows."""
+    if data.cfg.data.loader == "default":
+        return data
+    from .dali_loader import DaliLoader
+
+    tr = data.cfg.training
+    return DaliLoader(data.builder, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size, first_step,
+                      tr.train_steps)
+
+
 def padding_share(builder: RowBuilder) -> float:
     """Fraction of row positions that are padding."""
     segments = builder.segments

@@ -10,7 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..config import RunConfig
-from ..data.loader import TrainingData
+from ..data.loader import TrainingData, batch_source
 from ..languages import load_registry
 from ..model.gpt import build_model_chunks
 from ..runtime.distributed import initialize_distributed, shutdown_distributed
@@ -60,6 +60,7 @@ def _train(cfg: RunConfig) -> int:
     forward_step = make_forward_step(registry.num_experts)
     forward_backward = get_forward_backward_func()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    batches = batch_source(training_data, dp_rank, dp_size) if training_data is not None else None
     tokens_per_step = tr.global_batch_size * data.seq_length
     if dist.get_rank() == 0:
         if training_data is not None:
@@ -73,7 +74,7 @@ def _train(cfg: RunConfig) -> int:
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        batch = training_data.micro_batches(step, dp_rank, dp_size)
+        batch = batches.micro_batches(step, dp_rank, dp_size)
         iterators = [iter(batch) for _ in model] if len(model) > 1 else iter(batch)
         reports = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
                                    num_microbatches=len(batch), seq_length=data.seq_length,
