@@ -19,7 +19,7 @@ def _preprocess(args) -> int:
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, fmt=args.format,
         workers=args.workers, lang=args.lang, lang_field=args.lang_field, source_field=args.source_field,
         text_field=args.text_field, language_table=args.language_table, on_error=args.on_error,
-        template=args.chat_template), quiet=args.quiet)
+        template=args.chat_template, chunk_bytes=args.chunk_bytes), quiet=args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fail: stop at the first bad record with file:line; skip: count it by reason and go on")
     pre.add_argument("--chat-template", choices=["apollo", "tokenizer"], default="apollo",
                      help="apollo: User:{q}\\nAssistant:{a}<|endoftext|>; tokenizer: the tokenizer's chat template")
+    pre.add_argument("--chunk-bytes", type=int, default=8 << 20,
+                     help="input bytes per tokenizing task (default 8 MiB; memory holds a few of them)")
     pre.add_argument("--quiet", action="store_true", help="no progress line and no table")
     pre.set_defaults(func=_preprocess)
     return parser

@@ -122,6 +122,25 @@ def test_bad_record_is_skipped_and_counted(tmp_path, line, fmt, reason):
     assert ":2: " in summary["skipped_examples"][reason]
 
 
+def test_chunks_split_at_line_ends(tmp_path):
+    from megatron_medmoe.data.preprocess import _chunks
+
+    path = tmp_path / "c.jsonl"
+    lines = [b"a" * n + b"\n" for n in (3, 10, 1, 40, 2)] + [b"tail-without-newline"]
+    path.write_bytes(b"".join(lines))
+    chunks = list(_chunks([str(path)], chunk_bytes=8))
+    data = path.read_bytes()
+    assert b"".join(data[s:e] for _, s, e, _ in chunks) == data
+    assert all(data[s:e].endswith(b"\n") for _, s, e, _ in chunks[:-1])
+    assert [first for *_, first in chunks] == [1 + data[:s].count(b"\n") for _, s, _, _ in chunks]
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    with pytest.raises(PreprocessError, match=r"data.jsonl:5: unknown language code 'xx'"):
+        preprocess(tmp_path, [GOOD["text"], b"\n", GOOD["text"], b"   \n", b'{"text": "x", "lang": "xx"}\n'],
+                   name="data.jsonl")
+
+
 def test_empty_input_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "good.jsonl").write_bytes(GOOD["text"])
@@ -148,7 +167,7 @@ def test_two_workers_write_the_same_bytes(tmp_path):
     for workers in (1, 2):
         prefix = str(tmp_path / f"w{workers}")
         run_preprocess(PreprocessOptions(inputs=[str(REPO / "examples/data/chat/*.jsonl")], tokenizer=TOKENIZER,
-                                         output_prefix=prefix, fmt="chat", workers=workers, chunk_lines=5),
+                                         output_prefix=prefix, fmt="chat", workers=workers, chunk_bytes=1000),
                        progress=False)
         outputs.append([open(prefix + ext, "rb").read() for ext in
                         (".bin", ".idx", ".loss_mask.bin", ".lang.npy", ".source.npy")])
@@ -185,3 +204,28 @@ def test_cli_reports_and_exit_codes(tmp_path):
     usage = run_medmoe(["preprocess", "--input", str(tmp_path / "none*.jsonl"), "--tokenizer", TOKENIZER,
                         "--output-prefix", str(tmp_path / "c")], check=False)
     assert usage.returncode == 2 and "matches no file" in usage.stderr
+
+
+def test_tokenizer_chat_template(tmp_path):
+    """--chat-template tokenizer: the template of the tokenizer directory; loss on what each assistant turn adds."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(TOKENIZER, tok_dir)
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    record = {"messages": [{"role": "user", "content": "Fever?"}, {"role": "assistant", "content": "Rest."}],
+              "lang": "en"}
+    (tmp_path / "c.jsonl").write_text(json.dumps(record) + "\n")
+    prefix = str(tmp_path / "out")
+    run_preprocess(PreprocessOptions(inputs=[str(tmp_path / "c.jsonl")], tokenizer=str(tok_dir), output_prefix=prefix,
+                                     fmt="chat", template="tokenizer"), progress=False)
+    tokens, mask = documents(prefix)[0], documents(prefix + ".loss_mask")[0]
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    assert tok.decode(tokens.tolist(), skip_special_tokens=False) == \
+        "<|endoftext|>user\nFever?\n<|endoftext|>assistant\nRest.\n"
+    assert tok.decode([t for t, m in zip(tokens.tolist(), mask.tolist()) if m], skip_special_tokens=False) == "Rest.\n"

@@ -7,20 +7,23 @@ Output, all under --output-prefix (written aside and renamed when complete; PREF
   PREFIX.json                          summary: counts per language and family, skipped records by reason
   PREFIX.png                           documents and tokens per language and per family
 
-Lines are read in chunks; each chunk is parsed, formatted and tokenized (the fast tokenizer's batched
-encode) in a worker, and written in input order by the main process, with a bounded number of chunks in
-flight, so memory does not grow with the corpus.
+Lines are read in chunks; each chunk is parsed, tokenized (the fast tokenizer's batched encode) and turned
+into arrays, then written in input order, with a bounded number of chunks in flight, so memory does not
+grow with the corpus. With one worker this happens in this process, the encode of one chunk (which runs in
+Rust on every core) overlapping the parsing of the next; with more, each worker process does all of it on
+one core while this process reads and writes.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import multiprocessing
 import os
 import sys
 import time
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -30,7 +33,7 @@ from ..languages import load_registry
 from .chat import TEMPLATES, loss_mask_from_offsets
 from .indexed import StreamingArrayWriter, StreamingIndexedWriter, token_dtype
 from .records import FORMATS, RecordError, RecordParser
-from .tokenizer import end_of_text_id, load_tokenizer
+from .tokenizer import FastTokenizer, load_fast_tokenizer, load_tokenizer
 
 SUMMARY_VERSION = 1
 
@@ -61,7 +64,7 @@ class PreprocessOptions:
     language_table: str = "families"
     on_error: str = "fail"
     template: str = "apollo"
-    chunk_lines: int = 1024
+    chunk_bytes: int = 2 << 20  # input read, parsed and tokenized per task (line-aligned)
 
     def check(self) -> None:
         if self.fmt not in FORMATS:
@@ -82,52 +85,110 @@ class ChunkResult:
     langs: List[str] = field(default_factory=list)
     sources: List[str] = field(default_factory=list)
     errors: List[Tuple[str, int, str, str]] = field(default_factory=list)  # path, line, reason, message
+    path: str = ""
+    lines: int = 0  # non-blank lines read
 
 
-# ---- worker side (one tokenizer and parser per process)
+# ---- the three stages of a chunk: parse (Python), encode (Rust, releases the GIL), finish (arrays)
 
 _STATE: Dict[str, object] = {}
 
 
-def _init_worker(options: PreprocessOptions, parallel_tokenizer: bool) -> None:
+def _init_stages(options: PreprocessOptions, tokenizer: FastTokenizer, parallel_tokenizer: bool) -> None:
+    """Set up this process for the stages (forked workers inherit it)."""
     if not parallel_tokenizer:  # several workers: one thread each instead of each using every core
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(options.tokenizer)
     _STATE.update(
-        options=options,
-        fast=tokenizer.backend_tokenizer,
-        eod=end_of_text_id(tokenizer),
+        backend=tokenizer.backend,
+        eod=tokenizer.end_of_text_id,
         parser=RecordParser(options.fmt, load_registry(options.language_table), options.lang, options.lang_field,
                             options.source_field, options.text_field, options.template,
-                            tokenizer if options.template == "tokenizer" else None),
+                            load_tokenizer(options.tokenizer) if options.template == "tokenizer" else None),
     )
 
 
-def _process_chunk(chunk: Tuple[str, int, List[bytes]]) -> ChunkResult:
-    path, first_line, lines = chunk
+@dataclass
+class _Parsed:
+    records: list
+    errors: List[Tuple[str, int, str, str]]
+    lines: int  # non-blank lines read
+    path: str
+
+
+Chunk = Tuple[str, int, int, int]  # file, first byte, end byte, number of the first line
+
+
+def _parse(chunk: Chunk) -> _Parsed:
+    path, start, end, first_line = chunk
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
     parser: RecordParser = _STATE["parser"]
-    records, result = [], ChunkResult(np.empty(0, np.int32), np.empty(0, np.int32), None)
-    for offset, raw in enumerate(lines):
+    parsed = _Parsed([], [], 0, path)
+    for number, raw in enumerate(data.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
+        parsed.lines += 1
         try:
-            records.append(parser.parse(raw, path))
+            parsed.records.append(parser.parse(raw, path))
         except RecordError as e:
-            result.errors.append((path, first_line + offset, e.reason, str(e)))
-    if not records:
+            parsed.errors.append((path, number, e.reason, str(e)))
+    return parsed
+
+
+def _encode(parsed: _Parsed):
+    texts = [r.text for r in parsed.records]
+    if not texts:
+        return []
+    if _STATE["parser"].fmt == "chat":  # offsets are needed for the loss mask
+        return _STATE["backend"].encode_batch(texts, add_special_tokens=False)
+    return _STATE["backend"].encode_batch_fast(texts, add_special_tokens=False)
+
+
+def _finish(parsed: _Parsed, encodings) -> ChunkResult:
+    result = ChunkResult(np.empty(0, np.int32), np.empty(0, np.int32), None, errors=parsed.errors,
+                         path=parsed.path, lines=parsed.lines)
+    if not encodings:
         return result
-    texts = [r.text for r in records]
-    chat = parser.fmt == "chat"
-    encodings = _STATE["fast"].encode_batch(texts, add_special_tokens=False) if chat else \
-        _STATE["fast"].encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids if chat else e.ids + [_STATE["eod"]] for e in encodings]
-    result.lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-    result.tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(result.lengths.sum()))
-    if chat:
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    if parsed.records[0].loss_spans is None:  # raw text: every document ends with end-of-text
+        ends = np.cumsum(lengths + 1) - 1
+        tokens = np.empty(flat.size + len(ids), dtype=np.int32)
+        tokens[ends] = _STATE["eod"]
+        tokens[np.arange(flat.size) + np.repeat(np.arange(len(ids)), lengths)] = flat
+        result.tokens, result.lengths = tokens, (lengths + 1).astype(np.int32)
+    else:
+        result.tokens, result.lengths = flat, lengths.astype(np.int32)
         result.loss_mask = np.fromiter(
-            (m for r, e in zip(records, encodings) for m in loss_mask_from_offsets(e.offsets, r.loss_spans)),
-            dtype=np.uint8, count=result.tokens.size)
-    result.langs = [r.lang for r in records]
-    result.sources = [r.source for r in records]
+            itertools.chain.from_iterable(loss_mask_from_offsets(e.offsets, r.loss_spans)
+                                          for r, e in zip(parsed.records, encodings)),
+            dtype=np.uint8, count=flat.size)
+    result.langs = [r.lang for r in parsed.records]
+    result.sources = [r.source for r in parsed.records]
     return result
+
+
+def _process_chunk(chunk: Chunk) -> ChunkResult:
+    """All three stages, in a worker process."""
+    parsed = _parse(chunk)
+    return _finish(parsed, _encode(parsed))
+
+
+def _pipelined(chunks) -> Iterator[ChunkResult]:
+    """In this process: the next chunk is parsed and the previous one finished while one is encoded."""
+    with ThreadPoolExecutor(1) as encoder:
+        pending = deque()
+        for chunk in chunks:
+            parsed = _parse(chunk)
+            pending.append((parsed, encoder.submit(_encode, parsed)))
+            if len(pending) > 1:
+                done, future = pending.popleft()
+                yield _finish(done, future.result())
+        while pending:
+            done, future = pending.popleft()
+            yield _finish(done, future.result())
 
 
 # ---- main process
@@ -142,32 +203,34 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     return files
 
 
-def _chunks(files: List[str], chunk_lines: int, empty_files: List[str]) -> Iterator[Tuple[str, int, List[bytes]]]:
+def _chunks(files: List[str], chunk_bytes: int) -> Iterator[Chunk]:
+    """Line-aligned byte ranges of about `chunk_bytes` (a longer line is a range of its own)."""
     for path in files:
-        lines, first, seen = [], 1, False
         with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                seen = True
-                if not lines:
-                    first = number
-                lines.append(raw)
-                if len(lines) == chunk_lines:
-                    yield path, first, lines
-                    lines = []
-        if lines:
-            yield path, first, lines
-        if not seen:
-            empty_files.append(path)
+            start, line = 0, 1
+            while True:
+                f.seek(start)
+                block = f.read(chunk_bytes)
+                if not block:
+                    break
+                if len(block) == chunk_bytes:  # not the end of the file: stop after the last whole line
+                    cut = block.rfind(b"\n")
+                    if cut >= 0:
+                        block = block[:cut + 1]
+                    else:  # no newline at all: read on to the end of this line
+                        while True:
+                            more = f.read(chunk_bytes)
+                            cut = more.find(b"\n")
+                            block += more if cut < 0 else more[:cut + 1]
+                            if not more or cut >= 0:
+                                break
+                yield path, start, start + len(block), line
+                line += block.count(b"\n")
+                start += len(block)
 
 
 def _ordered(fn, items, pool, window: int):
-    """fn over items in order; with a pool, at most `window` items in flight (bounded memory)."""
-    if pool is None:
-        for item in items:
-            yield fn(item)
-        return
+    """fn over items in order in the pool's processes, at most `window` items in flight (bounded memory)."""
     pending = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
@@ -200,10 +263,8 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
     registry = load_registry(options.language_table)
     if options.lang is not None:
         registry.language(options.lang)  # an unknown --lang fails before any work
-    tokenizer = load_tokenizer(options.tokenizer)
-    if not getattr(tokenizer, "is_fast", False):
-        raise PreprocessUsageError(f"{options.tokenizer}: preprocessing needs a fast tokenizer (tokenizer.json)")
-    vocab_size = len(tokenizer)
+    tokenizer = load_fast_tokenizer(options.tokenizer)
+    vocab_size = tokenizer.vocab_size
     prefix = options.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     writers = {"tokens": StreamingIndexedWriter(prefix, token_dtype(vocab_size)),
@@ -215,17 +276,22 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
     sources: Dict[str, int] = {}
     per_lang_docs, per_lang_tokens, skipped = Counter(), Counter(), Counter()
     examples: Dict[str, str] = {}
-    empty_files: List[str] = []
     meter = _Progress(progress)
     pool = None
     try:
-        if options.workers > 1:  # a worker that fails to start breaks the pool instead of being respawned
-            pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(options, False))
+        chunks = _chunks(files, options.chunk_bytes)
+        if options.workers > 1:
+            # forked workers inherit the loaded tokenizer and parser (the tokenizer's thread pool has not
+            # run in this process yet, so forking is safe); a worker that dies breaks the pool loudly
+            _init_stages(options, tokenizer, parallel_tokenizer=False)
+            pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("fork"))
+            results = _ordered(_process_chunk, chunks, pool, window=4 * options.workers)
         else:
-            _init_worker(options, True)
-        for result in _ordered(_process_chunk, _chunks(files, options.chunk_lines, empty_files), pool,
-                               window=2 * options.workers):
+            _init_stages(options, tokenizer, parallel_tokenizer=True)
+            results = _pipelined(chunks)
+        lines_per_file = Counter()
+        for result in results:
+            lines_per_file[result.path] += result.lines
             for path, line, reason, message in result.errors:
                 if options.on_error == "fail":
                     raise PreprocessError(f"{path}:{line}: {message}")
@@ -242,7 +308,7 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
                 per_lang_docs[code] += 1
                 per_lang_tokens[code] += n
             meter.update(writers["tokens"].documents, writers["tokens"].tokens)
-        for path in empty_files:
+        for path in (f for f in files if lines_per_file[f] == 0):
             if options.on_error == "fail":
                 raise PreprocessError(f"{path}: the input file is empty (no records)")
             skipped["empty_file"] += 1
@@ -252,7 +318,7 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
         meter.update(writers["tokens"].documents, writers["tokens"].tokens, final=True)
         for writer in writers.values():
             writer.finish()
-        summary = _summary(options, files, vocab_size, end_of_text_id(tokenizer), registry, list(languages),
+        summary = _summary(options, files, vocab_size, tokenizer.end_of_text_id, registry, list(languages),
                            list(sources), per_lang_docs, per_lang_tokens, skipped, examples,
                            writers["tokens"].documents, writers["tokens"].tokens, time.perf_counter() - meter.start)
         for writer in writers.values():

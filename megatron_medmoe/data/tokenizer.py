@@ -1,7 +1,9 @@
 """Tokenizers: any local Hugging Face tokenizer directory; a small BPE one can be trained for demos."""
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from typing import Iterable, List
 
 END_OF_TEXT = "<|endoftext|>"  # Qwen2's document separator and end-of-answer token
@@ -21,6 +23,42 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"cannot load a Hugging Face tokenizer from {path!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class FastTokenizer:
+    """A tokenizer directory's tokenizer.json through the `tokenizers` library alone: what preprocessing
+    needs, without importing transformers (seconds per process)."""
+
+    backend: object  # tokenizers.Tokenizer
+    vocab_size: int
+    end_of_text_id: int
+
+
+def load_fast_tokenizer(path: str) -> FastTokenizer:
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isdir(path):
+        raise TokenizerError(f"tokenizer directory {path!r} does not exist")
+    if not os.path.isfile(file):
+        raise TokenizerError(f"{path}: no tokenizer.json; preprocessing needs a fast (Rust) tokenizer")
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(file)
+    except Exception as e:  # the Rust loader raises its own exception type
+        raise TokenizerError(f"cannot load {file}: {e}") from e
+    eos = None
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    eod = backend.token_to_id(eos) if eos else None
+    if eod is None:
+        eod = backend.token_to_id(END_OF_TEXT)
+    if eod is None:
+        raise TokenizerError(f"{path}: no eos_token and no {END_OF_TEXT!r}: cannot end documents")
+    return FastTokenizer(backend, backend.get_vocab_size(with_added_tokens=True), int(eod))
 
 
 def tokenizer_vocab_size(path: str) -> int:
