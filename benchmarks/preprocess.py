@@ -157,7 +157,7 @@ def loader_throughput(loader: str, seconds: float = 8.0):
     from megatron_medmoe.languages import load_registry
 
     cfg = resolve_config(load_config(os.path.join(ROOT, "examples", "tiny_sft.yaml"),
-                                     [f"data.loader={loader}", "training.train_steps=2000", "parallel.data=2"]))
+                                     [f"data.loader={loader}", "training.train_steps=2000", "parallel.data=2", "checkpoint.load=null"]))
     source = batch_source(TrainingData(cfg, load_registry()), 0, 2)
     source.micro_batches(0, 0, 2)
     start, step, batches = time.perf_counter(), 1, 0

@@ -166,7 +166,7 @@ def sft_data():
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        cfg = resolve_config(load_config(TINY_SFT, ["training.train_steps=6", "parallel.data=2"]))
+        cfg = resolve_config(load_config(TINY_SFT, ["training.train_steps=6", "parallel.data=2", "checkpoint.load=null"]))
         return cfg, TrainingData(cfg, load_registry())
     finally:
         os.chdir(cwd)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
-END_OF_TEXT = "<|endoftext|>"
+from .tokenizer import END_OF_TEXT
 _ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
             "bot": "assistant", "model": "assistant"}
 TEMPLATES = ("apollo", "tokenizer")

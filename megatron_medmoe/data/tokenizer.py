@@ -61,21 +61,6 @@ def load_fast_tokenizer(path: str) -> FastTokenizer:
     return FastTokenizer(backend, backend.get_vocab_size(with_added_tokens=True), int(eod))
 
 
-def tokenizer_vocab_size(path: str) -> int:
-    """Token ids the model must embed: the base vocabulary plus added special tokens."""
-    return len(load_tokenizer(path))
-
-
-def end_of_text_id(tokenizer) -> int:
-    """The id that ends a document: the tokenizer's EOS, else Qwen2's <|endoftext|>."""
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    token_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise TokenizerError(f"the tokenizer has no EOS token and no {END_OF_TEXT!r}: cannot separate documents")
-    return int(token_id)
-
-
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> None:
     """Train a byte-level BPE tokenizer (the Qwen2 family's kind) and save it as a Hugging Face
     tokenizer directory, with <|endoftext|> as the end-of-text and padding token."""
