@@ -162,7 +162,7 @@ def loader_throughput(loader: str, seconds: float = 8.0):
     source.micro_batches(0, 0, 2)
     start, step, batches = time.perf_counter(), 1, 0
     while time.perf_counter() - start < seconds and step < cfg.training.train_steps:
-        batches += len(source.micro_batches(step, 0, 2))
+        batches += len(source.micro_batches(step * cfg.training.global_batch_size, 0, 2))
         step += 1
     return batches / (time.perf_counter() - start)
 

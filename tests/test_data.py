@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, TINY, TINY_SFT
 from megatron_medmoe.config import load_config, resolve_config
-from megatron_medmoe.data.batches import RowBuilder, causal_mask, document_mask, micro_batches, rows_of_step
+from megatron_medmoe.data.batches import RowBuilder, causal_mask, document_mask, rows_of_batch
 from megatron_medmoe.data.blending import apollo_plan, knowledge_mask, language_shares, temperature_plan, weighted_plan
 from megatron_medmoe.data.dataset import PreprocessedDataset
 from megatron_medmoe.data.loader import TrainingData
@@ -173,15 +173,15 @@ def sft_data():
 
 
 def test_data_parallel_ranks_read_disjoint_rows_covering_the_batch():
-    a, b = rows_of_step(3, 16, 0, 2), rows_of_step(3, 16, 1, 2)
+    a, b = rows_of_batch(48, 16, 0, 2), rows_of_batch(48, 16, 1, 2)
     assert set(a).isdisjoint(b) and sorted([*a, *b]) == list(range(48, 64))
 
 
 def test_resume_reads_exactly_the_same_micro_batches(sft_data):
     cfg, data = sft_data
     _, again = cfg, TrainingData(cfg, load_registry())
-    first = [data.micro_batches(step, 1, 2) for step in range(6)][5]
-    resumed = again.micro_batches(5, 1, 2)  # a fresh process at step 5
+    first = [data.micro_batches(step * 16, 1, 2) for step in range(6)][5]
+    resumed = again.micro_batches(5 * 16, 1, 2)  # a fresh process at step 5 (data position: row 80)
     for x, y in zip(first, resumed):
         assert all(torch.equal(x[k], y[k]) for k in x)
 
@@ -222,11 +222,10 @@ def test_dali_loader_serves_the_same_batches(sft_data):
 
     cfg, data = sft_data
     tr = cfg.training
-    dali = DaliLoader(data.builder, tr.global_batch_size, tr.micro_batch_size, 1, 2, first_step=2,
-                      num_steps=tr.train_steps)
-    for step in (2, 3, 4):
-        for ours, theirs in zip(data.micro_batches(step, 1, 2), dali.micro_batches(step, 1, 2)):
+    dali = DaliLoader(data.builder, tr.global_batch_size, tr.micro_batch_size, 1, 2, first_row=32)
+    for row in (32, 48, 64):
+        for ours, theirs in zip(data.micro_batches(row, 1, 2), dali.micro_batches(row, 1, 2)):
             assert set(ours) == set(theirs)
-            assert all(torch.equal(ours[k], theirs[k]) for k in ours), step
-    with pytest.raises(RuntimeError, match="expected step 5"):
-        dali.micro_batches(3, 1, 2)
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), row
+    with pytest.raises(RuntimeError, match="expected the one at row 80"):
+        dali.micro_batches(48, 1, 2)

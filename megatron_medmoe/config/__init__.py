@@ -1,5 +1,5 @@
 """Typed configuration: dataclasses, YAML recipes with key=value overrides, validation at load."""
-from .load import ConfigError, config_to_dict, dump_config, load_config
+from .load import ConfigError, Stage, config_to_dict, dump_config, load_config, load_stages
 from .schema import (
     CheckpointConfig,
     DataConfig,
@@ -14,6 +14,7 @@ from .validate import padded_vocab_size, resolve_config, world_size_of
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
-    "ParallelConfig", "RunConfig", "TrainingConfig", "config_to_dict", "dump_config", "load_config",
+    "ParallelConfig", "RunConfig", "Stage", "TrainingConfig", "config_to_dict", "dump_config", "load_config",
+    "load_stages",
     "padded_vocab_size", "resolve_config", "world_size_of",
 ]

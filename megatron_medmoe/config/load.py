@@ -5,11 +5,14 @@ is an error naming the key (with the closest known key as a suggestion), collect
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
+import re
 import typing
-from typing import Any, Dict, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -25,38 +28,123 @@ class ConfigError(ValueError):
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
 
 
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # "" for a recipe without stages
+    config: RunConfig
+
+
+def _read_recipe(path: str | None) -> Dict[str, Any]:
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise ConfigError([f"recipe file {path!r} does not exist"])
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], path) from e
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections (model:, moe:, parallel:, ...)"], path)
+    return raw
+
+
+def _apply_overrides(raw: Dict[str, Any], overrides: Sequence[Tuple[str, Any]], problems: List[str]) -> None:
+    for key, value in overrides:
+        section, _, name = key.partition(".")
+        if not name:
+            problems.append(f"override {key}: expected section.key=value, e.g. parallel.tensor=2")
+            continue
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            problems.append(f"override {key}: `{section}` is not a section")
+            continue
+        target[name] = value
+
+
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Parse a recipe file (or the defaults when path is None) and apply `section.key=value` overrides."""
-    raw: Dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError([f"recipe file {path!r} does not exist"])
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError([f"not valid YAML: {e}"], path) from e
-        if not isinstance(raw, dict):
-            raise ConfigError(["the top level must be a mapping of sections (model:, moe:, parallel:, ...)"], path)
+    """Parse a recipe without stages (or the defaults when path is None) plus `section.key=value` overrides."""
+    stages = load_stages(path, overrides)
+    if len(stages) != 1 or stages[0].name:
+        raise ConfigError([f"the recipe has stages {[s.name for s in stages]}: load it with load_stages"], path or "")
+    return stages[0].config
+
+
+def load_stages(path: str | None, overrides: Sequence[str] = ()) -> List[Stage]:
+    """A recipe's stages, each a complete config: the recipe's sections, then the stage's own, then the
+    overrides (`section.key=value` for every stage, `stages.NAME.section.key=value` for one).
+
+    In a recipe with stages each stage writes to OUTPUT_DIR/NAME and SAVE/NAME, and a stage after the first
+    starts from the previous stage's final weights with a fresh optimizer, unless it names its own
+    checkpoint.load."""
+    raw = _read_recipe(path)
     problems: List[str] = []
+    common, per_stage = [], {}
     for item in overrides:
         key, value, problem = _parse_override(item)
         if problem:
             problems.append(problem)
+        elif key.startswith("stages."):
+            name, _, rest = key[len("stages."):].partition(".")
+            per_stage.setdefault(name, []).append((rest, value))
+        else:
+            common.append((key, value))
+    stages_raw = raw.pop("stages", None)
+    if stages_raw is None:
+        if per_stage:
+            problems.append(f"overrides for stages {sorted(per_stage)}, but the recipe has no stages")
+        _apply_overrides(raw, common, problems)
+        cfg = _build(RunConfig, raw, "", problems)
+        if problems:
+            raise ConfigError(problems, path or "defaults")
+        return [Stage("", cfg)]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(["stages: expected a non-empty list of {name: ..., <sections>}"], path or "")
+    stages: List[Stage] = []
+    names = []
+    for i, entry in enumerate(stages_raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
+                not STAGE_NAME.match(entry["name"]) or entry["name"] in names:
+            problems.append(f"stages[{i}]: expected a mapping with a unique `name` of letters, digits, _ or -")
             continue
-        section, _, name = key.partition(".")
-        if not name:
-            problems.append(f"override {item!r}: expected section.key=value, e.g. parallel.tensor=2")
-            continue
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            problems.append(f"override {item!r}: `{section}` is not a section")
-            continue
-        target[name] = value
-    cfg = _build(RunConfig, raw, "", problems)
+        name = entry["name"]
+        names.append(name)
+        merged = copy.deepcopy(raw)
+        for section, values in entry.items():
+            if section == "name":
+                continue
+            if not isinstance(values, dict):
+                problems.append(f"stages.{name}.{section}: expected a mapping of fields")
+                continue
+            merged.setdefault(section, {}).update(copy.deepcopy(values))
+        _apply_overrides(merged, common + per_stage.get(name, []), problems)
+        stage_problems: List[str] = []
+        cfg = _build(RunConfig, merged, "", stage_problems)
+        problems += [p for p in stage_problems if p not in problems]
+        own_load = "load" in entry.get("checkpoint", {}) or any(k == "checkpoint.load" for k, _ in per_stage.get(name, []))
+        stages.append(_stage_paths(name, cfg, stages[-1] if stages else None, own_load, problems))
+    unknown = sorted(set(per_stage) - set(names))
+    if unknown:
+        problems.append(f"overrides name stages {unknown}, but the recipe's stages are {names}")
     if problems:
-        raise ConfigError(problems, path or "defaults")
-    return cfg
+        raise ConfigError(problems, path or "")
+    return stages
+
+
+def _stage_paths(name: str, cfg: RunConfig, previous: Optional[Stage], own_load: bool, problems: List[str]) -> Stage:
+    cfg.logging.output_dir = os.path.join(cfg.logging.output_dir, name)
+    if cfg.checkpoint.save:
+        cfg.checkpoint.save = os.path.join(cfg.checkpoint.save, name)
+    if previous is not None and not own_load:
+        if not previous.config.checkpoint.save:
+            problems.append(f"stages.{name} starts from stage {previous.name!r}'s weights, which needs "
+                            "checkpoint.save (or give the stage its own checkpoint.load)")
+        cfg.checkpoint.load = previous.config.checkpoint.save
+        cfg.checkpoint.finetune = True
+    return Stage(name, cfg)
 
 
 def _parse_override(item: str) -> Tuple[str, Any, str]:

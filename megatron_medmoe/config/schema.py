@@ -83,6 +83,10 @@ class TrainingConfig:
     recompute_method: Literal["uniform", "block"] = "uniform"  # for full recomputation
     recompute_num_layers: int = 1  # for full recomputation
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # for selective
+    # non-finite loss or gradient: stop (naming step, rank and micro-batch) or skip the step and go on
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # stop (save, exit for requeue) this many minutes after the start; null = no wall-clock limit
+    max_wall_minutes: Optional[float] = None
 
 
 @dataclass
@@ -116,13 +120,26 @@ class DataConfig:
 class LoggingConfig:
     log_interval: int = 10  # steps between metric lines
     output_dir: str = "runs/tiny"  # the resolved config and the metrics log go here
+    tensorboard: bool = False  # event files under OUTPUT_DIR/tensorboard
+    wandb: bool = False  # Weights & Biases: offline (OUTPUT_DIR/wandb) unless WANDB_API_KEY is set
+    wandb_project: str = "megatron-medmoe"
+    # peak dense TFLOP/s of one device for MFU; null: known for H100/H200 (bf16 989, fp8 1979), else no MFU
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None  # directory for torch_dist checkpoints; null = no saving
-    save_interval: Optional[int] = None  # save every N steps; the final step is always saved when `save` is set
-    load: Optional[str] = None  # a checkpoint directory (or a parent of iter_* directories) to start from
+    # directory for torch_dist checkpoints; null = no saving. A run whose save directory already holds a
+    # checkpoint resumes from its latest (model, optimizer, schedule, data position, random states)
+    save: Optional[str] = None
+    save_interval: Optional[int] = None  # save every N steps; the final step (and a stop) is always saved
+    keep_last: Optional[int] = None  # keep only the newest N checkpoints in `save`; null = keep all
+    # start from this checkpoint (a checkpoint directory or a save directory's latest) when `save` has none
+    load: Optional[str] = None
+    finetune: bool = False  # with `load`: take the model weights only (fresh optimizer, step 0)
+    # GPU distributed optimizer: dp_reshardable (fast; loads only under the same TP/PP/EP) or fully_reshardable
+    # (loads under any layout). The CPU optimizer's state always reshards.
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
 
 
 @dataclass

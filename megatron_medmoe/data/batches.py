@@ -10,7 +10,8 @@ each piece.
 
 Every rank computes the same rows, so nothing is broadcast: tensor-parallel ranks and pipeline stages of
 one data-parallel replica take the same rows, data-parallel replicas disjoint ones. The data position is
-the number of global batches consumed: resuming at a step resumes at the exact row.
+the number of rows consumed (part of the training state), so a resumed run continues at the exact row,
+even with another global batch size.
 """
 from __future__ import annotations
 
@@ -87,14 +88,15 @@ def collate(rows: List[Dict[str, np.ndarray]], attention: str) -> MicroBatch:
     return batch
 
 
-def rows_of_step(step: int, global_batch_size: int, dp_rank: int, dp_size: int) -> range:
+def rows_of_batch(first_row: int, global_batch_size: int, dp_rank: int, dp_size: int) -> range:
+    """The rows this data-parallel rank reads of the global batch starting at `first_row`."""
     per_rank = global_batch_size // dp_size
-    first = step * global_batch_size + dp_rank * per_rank
+    first = first_row + dp_rank * per_rank
     return range(first, first + per_rank)
 
 
-def micro_batches(builder: RowBuilder, step: int, global_batch_size: int, micro_batch_size: int,
+def micro_batches(builder: RowBuilder, first_row: int, global_batch_size: int, micro_batch_size: int,
                   dp_rank: int, dp_size: int) -> List[MicroBatch]:
-    """This data-parallel rank's micro-batches of global batch `step`."""
-    rows = [builder.row(r) for r in rows_of_step(step, global_batch_size, dp_rank, dp_size)]
+    """This data-parallel rank's micro-batches of the global batch starting at row `first_row`."""
+    rows = [builder.row(r) for r in rows_of_batch(first_row, global_batch_size, dp_rank, dp_size)]
     return [collate(rows[i:i + micro_batch_size], builder.attention) for i in range(0, len(rows), micro_batch_size)]

@@ -1,9 +1,9 @@
 """`data.loader: dali`: the same rows as the default loader, prefetched through an NVIDIA DALI pipeline.
 
-A parallel external source (a DALI worker process) assembles this data-parallel rank's rows, in step
-order, from the packed segments and the indexed token shards; DALI keeps `prefetch` micro-batches ready
-ahead of training. CPU pipelines (device_id None) where there is no GPU. Steps must be read in order,
-starting at the step the loader was built for (a resumed run builds it at its resume step).
+A parallel external source (a DALI worker process) assembles this data-parallel rank's rows, in order,
+from the packed segments and the indexed token shards; DALI keeps `prefetch` micro-batches ready ahead of
+training. CPU pipelines (device_id None) where there is no GPU. Global batches must be read in order,
+starting at the row the loader was built for (a resumed run builds it at its data position).
 """
 from __future__ import annotations
 
@@ -12,19 +12,18 @@ from typing import List
 import numpy as np
 import torch
 
-from .batches import MicroBatch, RowBuilder, causal_mask, document_mask, rows_of_step
+from .batches import MicroBatch, RowBuilder, causal_mask, document_mask, rows_of_batch
 
 FIELDS = ("tokens", "labels", "loss_mask", "family_ids", "position_ids", "piece")
 
 
 class RankRows:
-    """DALI sample source: sample i is the i-th row this rank reads from `first_step` on."""
+    """DALI sample source: sample i is the i-th row this rank reads from row `first_row` on."""
 
-    def __init__(self, builder: RowBuilder, global_batch_size: int, dp_rank: int, dp_size: int,
-                 first_step: int, num_steps: int):
+    def __init__(self, builder: RowBuilder, global_batch_size: int, dp_rank: int, dp_size: int, first_row: int):
         self.builder = builder
-        self.rows = [r for step in range(first_step, num_steps)
-                     for r in rows_of_step(step, global_batch_size, dp_rank, dp_size)]
+        self.rows = [r for start in range(first_row, builder.num_rows - global_batch_size + 1, global_batch_size)
+                     for r in rows_of_batch(start, global_batch_size, dp_rank, dp_size)]
 
     def __call__(self, sample_info):
         if sample_info.idx_in_epoch >= len(self.rows):
@@ -35,15 +34,16 @@ class RankRows:
 
 class DaliLoader:
     def __init__(self, builder: RowBuilder, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, first_step: int, num_steps: int, prefetch: int = 2, workers: int = 1):
+                 dp_size: int, first_row: int, prefetch: int = 2, workers: int = 1):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.attention = builder.attention
         self.per_rank = global_batch_size // dp_size
         self.micro_batch_size = micro_batch_size
-        self.next_step = first_step
-        source = RankRows(builder, global_batch_size, dp_rank, dp_size, first_step, num_steps)
+        self.global_batch_size = global_batch_size
+        self.next_row = first_row
+        source = RankRows(builder, global_batch_size, dp_rank, dp_size, first_row)
         dtypes = [types.INT64, types.INT64, types.FLOAT, types.INT64, types.INT64, types.INT64]
         device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
 
@@ -58,10 +58,11 @@ class DaliLoader:
         pipeline.build()
         self._batches = iter(DALIGenericIterator(pipeline, list(FIELDS), auto_reset=False))
 
-    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
-        if step != self.next_step:
-            raise RuntimeError(f"the DALI loader serves steps in order: expected step {self.next_step}, got {step}")
-        self.next_step += 1
+    def micro_batches(self, first_row: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
+        if first_row != self.next_row:
+            raise RuntimeError(f"the DALI loader serves global batches in order: expected the one at row "
+                               f"{self.next_row}, got row {first_row}")
+        self.next_row += self.global_batch_size
         out = []
         for _ in range(self.per_rank // self.micro_batch_size):
             batch = dict(next(self._batches)[0])

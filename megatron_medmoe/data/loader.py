@@ -5,7 +5,7 @@ prefetches the same rows through an NVIDIA DALI pipeline.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -42,11 +42,13 @@ def document_plan(cfg: RunConfig, datasets: List[PreprocessedDataset]):
 
 
 class TrainingData:
-    def __init__(self, cfg: RunConfig, registry: LanguageRegistry):
+    """The run's rows 0..total_rows (default: every step's global batch)."""
+
+    def __init__(self, cfg: RunConfig, registry: LanguageRegistry, total_rows: Optional[int] = None):
         self.cfg = cfg
         self.datasets = open_datasets(cfg)
         tr = cfg.training
-        num_rows = tr.train_steps * tr.global_batch_size
+        num_rows = tr.train_steps * tr.global_batch_size if total_rows is None else total_rows
         segments = pack(document_plan(cfg, self.datasets), [ds.lengths for ds in self.datasets],
                         cfg.data.seq_length, num_rows, cfg.data.packing)
         self.builder = RowBuilder(self.datasets, [ds.family_ids(registry) for ds in self.datasets], segments,
@@ -65,20 +67,20 @@ class TrainingData:
             text += "; language shares " + " ".join(f"{c} {p:.2f}" for c, p in shares.items())
         return text
 
-    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
+    def micro_batches(self, first_row: int, dp_rank: int, dp_size: int) -> List[MicroBatch]:
+        """This rank's micro-batches of the global batch that starts at row `first_row`."""
         tr = self.cfg.training
-        return micro_batches(self.builder, step, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size)
+        return micro_batches(self.builder, first_row, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size)
 
 
-def batch_source(data: TrainingData, dp_rank: int, dp_size: int, first_step: int = 0):
+def batch_source(data: TrainingData, dp_rank: int, dp_size: int, first_row: int = 0):
     """What the loop asks for micro-batches: the data itself, or a DALI pipeline over the same rows."""
     if data.cfg.data.loader == "default":
         return data
     from .dali_loader import DaliLoader
 
     tr = data.cfg.training
-    return DaliLoader(data.builder, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size, first_step,
-                      tr.train_steps)
+    return DaliLoader(data.builder, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size, first_row)
 
 
 def padding_share(builder: RowBuilder) -> float:

@@ -57,6 +57,11 @@ def set_seeds(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: the GPU with NCCL, the CPU with gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         parallel_state.destroy_model_parallel()

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import List, Sequence
 
+from .exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE
+
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -33,7 +35,10 @@ def worker_env(rank: int, world_size: int, port: int) -> dict:
 
 
 def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float = 30.0) -> int:
-    """Run `python -m megatron_medmoe *argv` as `world_size` ranks; return the job's exit code."""
+    """Run `python -m megatron_medmoe *argv` as `world_size` ranks; return the job's exit code.
+
+    A worker that exits with an error makes the others stop after `grace_seconds` (they would wait for it
+    in a collective forever); EXIT_REQUEUE is not an error: ranks stopping on a signal exit with it."""
     port = free_port()
     procs: List[subprocess.Popen] = [
         subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], env=worker_env(r, world_size, port))
@@ -50,7 +55,7 @@ def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float
         failed_at = None
         while any(p.poll() is None for p in procs):
             codes = [p.poll() for p in procs]
-            if failed_at is None and any(c not in (None, 0) for c in codes):
+            if failed_at is None and any(c not in (None, EXIT_OK, EXIT_REQUEUE) for c in codes):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > grace_seconds:
                 for p in procs:  # a rank died: the others would wait on it in a collective forever
@@ -61,9 +66,9 @@ def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float
         for s, handler in previous.items():
             signal.signal(s, handler)
     codes = [p.returncode for p in procs]
-    failures = [c for c in codes if c != 0]
+    failures = [c for c in codes if c not in (EXIT_OK, EXIT_REQUEUE)]
     if not failures:
-        return 0
+        return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_OK
     # the first rank that failed on its own account (not killed by us) tells what happened
     own = [c for c in failures if c > 0]
-    return own[0] if own else 1
+    return own[0] if own else EXIT_FAILURE

@@ -1,5 +1,15 @@
-"""The training loop on megatron-core: DDP-wrapped model chunks, its pipeline schedules, our optimizer."""
+"""One training stage on megatron-core: DDP-wrapped model chunks, its pipeline schedules, our optimizer.
+
+Where it starts: the latest checkpoint of checkpoint.save if there is one (resume everything: weights,
+optimizer, schedule, data position, random states), else checkpoint.load (everything, or with
+checkpoint.finetune the weights only), else fresh weights. Where it stops: after train_steps; after a
+non-finite loss or gradient (training.on_nonfinite=stop); or, saving first, when any rank got SIGTERM or
+SIGUSR1 or the wall-clock limit passed, all ranks at the same step (exit code EXIT_REQUEUE).
+"""
 from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -9,15 +19,18 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from ..config import RunConfig
+from ..config import RunConfig, config_to_dict
 from ..data.loader import TrainingData, batch_source
 from ..languages import load_registry
 from ..model.gpt import build_model_chunks
-from ..runtime.distributed import initialize_distributed, shutdown_distributed
+from ..runtime.distributed import collective_device, initialize_distributed, shutdown_distributed
 from ..runtime.env import DistEnv
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..runtime.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from .checkpoint import TrainState, current_layout, latest_iteration, load_checkpoint, save_checkpoint
+from .loggers import open_writers
 from .metrics import TrainingMetrics
 from .optimizer import build_optimizer, build_scheduler, current_lr
+from .signals import StopRequest
 from .step import make_forward_step, sum_reports
 
 
@@ -40,58 +53,125 @@ def train(cfg: RunConfig, env: DistEnv) -> int:
         shutdown_distributed()
 
 
+def say(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _start(cfg: RunConfig, models, optimizer, scheduler, on_gpu: bool) -> Tuple[TrainState, bool]:
+    """(training state, whether this continues an earlier run of this stage)."""
+    ck = cfg.checkpoint
+    if ck.save and latest_iteration(ck.save) is not None:
+        state = load_checkpoint(ck.save, models, cfg, optimizer, scheduler)
+        say(f"resuming from {ck.save} at step {state.iteration} (row {state.consumed_rows})")
+        return state, True
+    if ck.load and ck.finetune:
+        saved = load_checkpoint(ck.load, models, cfg)
+        say(f"initialized the model weights from {ck.load} (saved at step {saved.iteration}); fresh optimizer")
+    elif ck.load:
+        state = load_checkpoint(ck.load, models, cfg, optimizer, scheduler)
+        say(f"continuing from {ck.load} at step {state.iteration}")
+        return state, False
+    return TrainState(), False
+
+
+def _nonfinite(reports) -> Optional[Tuple[int, int]]:
+    """Collective: (micro-batch, rank) of the first non-finite loss anywhere in the step, else None."""
+    world = dist.get_world_size()
+    local = math.inf
+    for index, report in enumerate(reports or []):
+        if not bool(torch.isfinite(report["lm loss"]).all()):
+            local = index * world + dist.get_rank()
+            break
+    code = torch.tensor([local], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    return None if math.isinf(code.item()) else divmod(int(code.item()), world)
+
+
 def _train(cfg: RunConfig) -> int:
     on_gpu = torch.cuda.is_available()
     tr, data = cfg.training, cfg.data
     registry = load_registry(data.language_table)
-    training_data = TrainingData(cfg, registry) if tr.train_steps > 0 else None  # bad data fails before the model
-    chunks = build_model_chunks(cfg, registry.num_experts)
-    if cfg.checkpoint.load:
-        iteration = load_checkpoint(cfg.checkpoint.load, chunks)
-        if dist.get_rank() == 0:
-            print(f"loaded model weights from {cfg.checkpoint.load} (saved at step {iteration})", flush=True)
-    if tr.precision == "bf16":  # as Megatron-LM: bf16 weights, fp32 inputs cast in and the loss cast out
-        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
+    models = build_model_chunks(cfg, registry.num_experts)
+    chunks = [Float16Module(m.config, m) for m in models] if tr.precision == "bf16" else models
     model = wrap_ddp(chunks, on_gpu)
     optimizer = build_optimizer(model, tr, on_gpu)
     scheduler = build_scheduler(optimizer, tr)
-    metrics = TrainingMetrics(chunks, registry, cfg.model.num_layers, cfg.moe.moe_last_n, cfg.logging.output_dir)
-
+    state, resumed = _start(cfg, models, optimizer, scheduler, on_gpu)
+    state.layout = current_layout(cfg, on_gpu)
+    if state.iteration >= tr.train_steps:
+        say(f"already at step {state.iteration} of {tr.train_steps}: nothing to train")
+        return EXIT_OK
+    remaining = tr.train_steps - state.iteration
+    training_data = TrainingData(cfg, registry, total_rows=state.consumed_rows + remaining * tr.global_batch_size)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    batches = batch_source(training_data, dp_rank, dp_size, state.consumed_rows)
+    writers = open_writers(cfg, config_to_dict(cfg)) if dist.get_rank() == 0 else []
+    metrics = TrainingMetrics(models, registry, cfg, writers, resumed=resumed)
     forward_step = make_forward_step(registry.num_experts)
     forward_backward = get_forward_backward_func()
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    batches = batch_source(training_data, dp_rank, dp_size) if training_data is not None else None
     tokens_per_step = tr.global_batch_size * data.seq_length
-    if dist.get_rank() == 0:
-        if training_data is not None:
-            print(training_data.describe(), flush=True)
-        params = sum(p.numel() for c in chunks for p in c.parameters())
-        print(f"training {tr.train_steps} steps on {dist.get_world_size()} ranks "
-              f"(TP {cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, EP {cfg.parallel.expert}, DP {dp_size}); "
-              f"{params:,} parameters on rank 0", flush=True)
+    say(training_data.describe())
+    say(f"training steps {state.iteration + 1}-{tr.train_steps} on {dist.get_world_size()} ranks (TP "
+        f"{cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, EP {cfg.parallel.expert}, DP {dp_size}); "
+        f"{sum(p.numel() for m in models for p in m.parameters()):,} parameters on rank 0")
 
-    for step in range(tr.train_steps):
-        for m in model:
-            m.zero_grad_buffer()
-        optimizer.zero_grad()
-        batch = batches.micro_batches(step, dp_rank, dp_size)
-        iterators = [iter(batch) for _ in model] if len(model) > 1 else iter(batch)
-        reports = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
-                                   num_microbatches=len(batch), seq_length=data.seq_length,
-                                   micro_batch_size=tr.micro_batch_size, forward_only=False)
-        lr = current_lr(optimizer)
-        updated, grad_norm, _ = optimizer.step()
-        if updated:  # a step skipped for a non-finite gradient does not advance the schedule (as Megatron-LM)
-            scheduler.step(1)
-        metrics.add_step(sum_reports(reports), grad_norm, updated, tokens_per_step)
-        done = step + 1
-        if done % cfg.logging.log_interval == 0 or done == tr.train_steps:
-            metrics.log(done, lr)
-        if cfg.checkpoint.save and cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0 \
-                and done != tr.train_steps:
-            save_checkpoint(cfg.checkpoint.save, done, chunks, cfg)
-    if cfg.checkpoint.save:
-        path = save_checkpoint(cfg.checkpoint.save, tr.train_steps, chunks, cfg)
-        if dist.get_rank() == 0:
-            print(f"saved checkpoint {path}", flush=True)
-    return 0
+    def save() -> Optional[str]:
+        if not cfg.checkpoint.save:
+            return None
+        return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
+
+    stop = StopRequest(tr.max_wall_minutes).install()
+    saved_at = None
+    try:
+        while state.iteration < tr.train_steps:
+            for m in model:
+                m.zero_grad_buffer()
+            optimizer.zero_grad()
+            batch = batches.micro_batches(state.consumed_rows, dp_rank, dp_size)
+            iterators = [iter(batch) for _ in model] if len(model) > 1 else iter(batch)
+            reports = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
+                                       num_microbatches=len(batch), seq_length=data.seq_length,
+                                       micro_batch_size=tr.micro_batch_size, forward_only=False)
+            step = state.iteration + 1
+            lr = current_lr(optimizer)
+            bad = _nonfinite(reports)
+            if bad is not None:
+                where = f"non-finite loss at step {step}, micro-batch {bad[0]} on rank {bad[1]}"
+                updated, grad_norm = False, None
+            else:
+                updated, grad_norm, _ = optimizer.step()
+                where = None if updated else f"non-finite gradient norm ({grad_norm}) at step {step}"
+            if where is not None:
+                if tr.on_nonfinite == "stop":
+                    say(f"stopping: {where} (training.on_nonfinite=stop); nothing saved from this step")
+                    return EXIT_NONFINITE
+                say(f"skipping step {step}: {where} (training.on_nonfinite=skip)")
+                state.skipped_steps += 1
+            else:
+                scheduler.step(1)
+            state.iteration = step
+            state.consumed_rows += tr.global_batch_size
+            metrics.add_step(sum_reports(reports) if where is None else {}, grad_norm if where is None else None,
+                             where is None, tokens_per_step)
+            if step % cfg.logging.log_interval == 0 or step == tr.train_steps:
+                metrics.log(step, lr)
+            reason = stop.agreed()
+            if reason is not None:
+                path = save()
+                say(f"stopping after step {step} on {reason}: "
+                    + (f"saved {path}; run the same command again to resume" if path else
+                       "no checkpoint.save, so nothing was saved"))
+                return EXIT_REQUEUE
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+                save()
+                saved_at = step
+        if saved_at != state.iteration:
+            path = save()
+            if path:
+                say(f"saved checkpoint {path}")
+        return EXIT_OK
+    finally:
+        stop.uninstall()
+        metrics.close()
+

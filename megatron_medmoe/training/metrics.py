@@ -1,8 +1,11 @@
-"""Training metrics: loss overall and per family, learning rate, gradient norm, throughput, expert load.
+"""Training metrics: loss overall and per family, learning rate, gradient norm, throughput (tokens/s,
+TFLOP/s per device, MFU), and per MoE layer the share of tokens per expert, the imbalance (max/mean) and
+how often the router's own top-k already held the family expert.
 
 Each rank adds up what it saw between log steps; one all-reduce over the job at each log step makes the
 totals (only the last pipeline stage has losses, only the ranks holding a MoE layer count its routing).
-Rank 0 prints a console line and appends a JSON record to OUTPUT_DIR/metrics.jsonl.
+Rank 0 prints a console line, appends a JSON record to OUTPUT_DIR/metrics.jsonl and hands it to the
+TensorBoard and Weights & Biases writers.
 """
 from __future__ import annotations
 
@@ -14,20 +17,26 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import RunConfig
 from ..languages import LanguageRegistry
 from ..model.router import FamilyRouter
+from ..runtime.distributed import collective_device
+from .flops import flops_per_token, peak_tflops
 
 
 class TrainingMetrics:
-    def __init__(self, chunks, registry: LanguageRegistry, num_layers: int, moe_last_n: int, output_dir: str):
+    def __init__(self, chunks, registry: LanguageRegistry, cfg: RunConfig, writers=(), resumed: bool = False):
         self.registry = registry
         self.num_families = registry.num_experts
-        self.first_moe_layer = num_layers - moe_last_n + 1  # megatron-core layer numbers start at 1
-        self.moe_last_n = moe_last_n
+        self.first_moe_layer = cfg.model.num_layers - cfg.moe.moe_last_n + 1  # megatron-core layer numbers start at 1
+        self.moe_last_n = cfg.moe.moe_last_n
         self.routers: List[FamilyRouter] = [m for c in chunks for m in c.modules() if isinstance(m, FamilyRouter)]
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        if dist.get_rank() == 0:  # a new run starts a new record
-            os.makedirs(output_dir, exist_ok=True)
+        self.flops_per_token = flops_per_token(cfg, registry.num_experts)
+        self.peak = peak_tflops(cfg, "bf16" if cfg.training.precision == "bf16" else "fp32")
+        self.writers = list(writers)
+        self.path = os.path.join(cfg.logging.output_dir, "metrics.jsonl")
+        if dist.get_rank() == 0 and not resumed:  # a new run starts a new record; a resumed one appends
+            os.makedirs(cfg.logging.output_dir, exist_ok=True)
             open(self.path, "w").close()
         self._reset()
 
@@ -63,18 +72,23 @@ class TrainingMetrics:
     def log(self, step: int, lr: float) -> Optional[dict]:
         """Reduce over the job; returns (and on rank 0 prints and records) the interval's metrics."""
         flat = torch.cat([self.loss, self.family.reshape(-1), self._expert_counts().reshape(-1)])
+        flat = flat.to(collective_device())
         dist.all_reduce(flat)
+        flat = flat.cpu()
         n_fam = self.num_families
         loss = flat[:2]
         family = flat[2:2 + 2 * n_fam].reshape(2, n_fam)
         experts = flat[2 + 2 * n_fam:].reshape(max(self.moe_last_n, 1), 3 + n_fam)
         elapsed = time.perf_counter() - self.started
+        tflops = self.flops_per_token * self.tokens / max(elapsed, 1e-9) / dist.get_world_size() / 1e12
         record = {
             "step": step,
             "loss": float(loss[0] / loss[1]) if loss[1] > 0 else float("nan"),
             "lr": lr,
             "grad_norm": self.grad_norm_sum / max(self.steps, 1),
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
             "s_per_step": elapsed / max(self.steps, 1),
             "skipped_steps": self.skipped,
             "family_loss": {self.registry.experts[i]: float(family[0, i] / family[1, i])
@@ -100,11 +114,18 @@ class TrainingMetrics:
             self._print(record)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            for writer in self.writers:
+                writer.write(record)
         return record
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
 
     def _print(self, r: dict):
         print(f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm {r['grad_norm']:.3f} | "
-              f"{r['tokens_per_s']:.0f} tokens/s | {r['s_per_step'] * 1000:.0f} ms/step"
+              f"{r['tokens_per_s']:.0f} tokens/s | {r['tflops_per_device']:.3g} TFLOP/s per device"
+              + (f" (MFU {r['mfu']:.1%})" if r["mfu"] is not None else "") + f" | {r['s_per_step'] * 1000:.0f} ms/step"
               + (f" | skipped {r['skipped_steps']}" if r["skipped_steps"] else ""), flush=True)
         fams = " | ".join(f"{name} {value:.3f}" for name, value in r["family_loss"].items())
         print(f"    loss by family: {fams}", flush=True)

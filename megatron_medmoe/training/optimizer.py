@@ -1,20 +1,22 @@
 """Optimizer, learning-rate schedule and gradient clipping.
 
-GPU: megatron-core's optimizer (mixed precision, optional distributed optimizer). CPU: torch's AdamW on
-the fp32 gradients megatron-core's DDP reduced, with the global gradient norm computed the way
-megatron-core's optimizer computes it (each gradient counted once across tensor- and expert-parallel
-ranks). Both follow megatron-core's OptimizerParamScheduler for warm-up and decay.
+GPU: megatron-core's optimizer (mixed precision, distributed optimizer). CPU: torch's AdamW inside
+megatron-core's FP32Optimizer, so that its state checkpoints (and reshards) exactly like megatron-core's;
+only the gradient norm and clipping are ours, because megatron-core's allocate CUDA buffers. The norm is
+computed as megatron-core computes it: each gradient counted once across tensor- and expert-parallel
+ranks. Both follow megatron-core's OptimizerParamScheduler for warm-up and decay.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
@@ -22,12 +24,18 @@ from megatron.core.transformer.module import param_is_not_shared
 from ..config import TrainingConfig
 
 
-def decay_groups(params: List[torch.nn.Parameter], weight_decay: float) -> List[dict]:
-    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters)."""
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "lr_mult": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0}]
+def param_groups(params: List[torch.nn.Parameter], weight_decay: float) -> List[dict]:
+    """Megatron's groups: no weight decay on biases and norm weights (1-D), experts apart. Every group
+    exists on every rank, empty or not: a checkpoint's groups (saved by rank 0) are matched by megatron-core
+    on every rank by these keys, under any layout."""
+    groups = []
+    for expert in (False, True):
+        for decay in (True, False):
+            members = [p for p in params if (p.ndim > 1) == decay and _is_expert(p) == expert]
+            groups.append({"params": members, "weight_decay": weight_decay if decay else 0.0,
+                           "wd_mult": 1.0 if decay else 0.0, "lr_mult": 1.0, "is_expert_parallel": expert,
+                           "is_decoupled_lr": False})
+    return groups
 
 
 def _is_expert(param) -> bool:
@@ -45,55 +53,53 @@ def global_grad_norm(params: List[torch.nn.Parameter]) -> float:
     return math.sqrt(float(sq[False] + sq[True]))
 
 
-@dataclass
-class CpuOptimizer:
-    """torch AdamW over megatron-core DDP's reduced gradients, with global-norm clipping."""
+def _init_adam_state(optimizer: torch.optim.Optimizer, config=None) -> None:
+    """Create Adam's moments before loading a checkpoint into them (as megatron-core does)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if len(optimizer.state[p]) == 0:
+                optimizer.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
 
-    optimizer: torch.optim.Optimizer
-    params: List[torch.nn.Parameter]
-    clip_grad: float
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+class CpuOptimizer(FP32Optimizer):
+    """torch AdamW over megatron-core DDP's fp32 main grads, with global-norm clipping."""
 
-    def zero_grad(self, set_to_none: bool = True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimizerConfig):
+        # FP32Optimizer.__init__ only adds a CUDA loss-scale tensor; a CPU one stands in for it
+        MegatronOptimizer.__init__(self, optimizer, config, _init_adam_state)
+        self._scale = torch.tensor([1.0])
+        self.is_stub_optimizer = False
 
+    @torch.no_grad()
     def step(self):
-        """Returns (updated, grad_norm, None), as megatron-core's optimizer returns (.., .., zeros)."""
-        for p in self.params:
-            p.grad = p.main_grad  # DDP accumulates and reduces into the fp32 main_grad buffer
-        norm = global_grad_norm(self.params)
+        """(updated, grad_norm, None): no update when the gradient norm is not finite."""
+        self.prepare_grads()  # main_grad -> grad
+        params = self.get_parameters()
+        norm = global_grad_norm(params)
         if not math.isfinite(norm):
             return False, norm, None
-        if self.clip_grad > 0 and norm > self.clip_grad:
-            scale = self.clip_grad / (norm + 1e-6)
-            for p in self.params:
-                p.grad.mul_(scale)
-        self.optimizer.step()
-        return True, norm, None
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state)
+        clip = self.config.clip_grad
+        if clip > 0 and norm > clip:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(clip / (norm + 1e-6))
+        return self.step_with_ready_grads(), norm, None
 
 
 def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool):
-    params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-    if not on_gpu:
-        adamw = torch.optim.AdamW(decay_groups(params, tr.weight_decay), lr=tr.lr,
-                                  betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps)
-        return CpuOptimizer(adamw, params, tr.clip_grad)
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
+    bf16 = tr.precision == "bf16"
     config = OptimizerConfig(optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
                              adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
-                             clip_grad=tr.clip_grad, bf16=tr.precision == "bf16",
-                             params_dtype=torch.bfloat16 if tr.precision == "bf16" else torch.float32,
-                             use_distributed_optimizer=True)
+                             clip_grad=tr.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                             use_distributed_optimizer=on_gpu)
+    if not on_gpu:
+        params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
+        adamw = torch.optim.AdamW(param_groups(params, tr.weight_decay), lr=tr.lr,
+                                  betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps)
+        return CpuOptimizer(adamw, config)
+    from megatron.core.optimizer import get_megatron_optimizer
+
     return get_megatron_optimizer(config, chunks)
 
 
