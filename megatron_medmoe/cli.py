@@ -9,7 +9,19 @@ from typing import List, Optional
 def _train(args) -> int:
     from .training.run import run_train
 
-    return run_train(args.config, args.overrides, args.stage)
+    shorthands = [f"checkpoint.{key}={value}" for key, value in (("load", args.load), ("save", args.save)) if value]
+    return run_train(args.config, [*shorthands, *args.overrides], args.stage)
+
+
+def _split_overrides(parser: argparse.ArgumentParser, args, extras: List[str]) -> None:
+    """key=value overrides may follow options (`train RECIPE --stage sft key=value`): argparse leaves those
+    to us; anything else it did not recognise is an error."""
+    if not extras:
+        return
+    stray = [x for x in extras if "=" not in x or x.startswith("-")]
+    if args.command != "train" or stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+    args.overrides = [*args.overrides, *extras]
 
 
 def _preprocess(args) -> int:
@@ -34,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "after saving (run again to resume).")
     train.add_argument("config", help="YAML recipe (see examples/)")
     train.add_argument("--stage", metavar="NAME", help="run only this stage of a recipe with stages")
+    train.add_argument("--load", metavar="DIR", help="checkpoint.load: continue from this checkpoint (or the latest "
+                                                     "complete one in this save directory) when --save holds none")
+    train.add_argument("--save", metavar="DIR", help="checkpoint.save: save here, and resume from here when it "
+                                                     "already holds a checkpoint")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. parallel.tensor=2")
     train.set_defaults(func=_train)
 
@@ -70,5 +86,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from .runtime.quiet import silence_known_noise
 
     silence_known_noise()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    _split_overrides(parser, args, extras)
     sys.exit(args.func(args))

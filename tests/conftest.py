@@ -19,8 +19,7 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "examples" / "tiny_cpt.yaml")
-TINY_SFT = str(REPO / "examples" / "tiny_sft.yaml")
+TINY = str(REPO / "examples" / "tiny.yaml")  # two stages: cpt (text), sft (chat)
 TOKENIZER = str(REPO / "examples" / "tokenizer")
 TINY_DATA = {"text": REPO / "runs" / "data" / "tiny_text", "chat": REPO / "runs" / "data" / "tiny_chat"}
 
@@ -56,9 +55,31 @@ def run_medmoe(args: Sequence[str], timeout: float = 600, check: bool = True, **
     return proc
 
 
-def read_metrics(output_dir) -> List[dict]:
-    with open(Path(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
+def read_metrics(output_dir, stage: str = "") -> List[dict]:
+    """The metrics records of a run (of one stage of a recipe with stages: OUTPUT_DIR/STAGE)."""
+    with open(Path(output_dir) / stage / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def train_stage(stage: str, *args: str) -> List[str]:
+    """`medmoe train` arguments for one stage of the tiny recipe."""
+    return ["train", TINY, "--stage", stage, *args]
+
+
+def tiny_config(stage: str, overrides=(), world_size=None):
+    """The resolved config of one stage of the tiny recipe (paths relative to the repository)."""
+    from megatron_medmoe.config import load_stages, resolve_config
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        chosen = next(s for s in load_stages(TINY, overrides) if s.name == stage)
+        cfg = resolve_config(chosen.config, world_size=world_size)
+        for spec in cfg.data.datasets:
+            spec.prefix = os.path.abspath(spec.prefix)
+        return cfg
+    finally:
+        os.chdir(cwd)
 
 
 def gpu_only(reason: str = "needs an NVIDIA GPU"):

@@ -5,8 +5,12 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, TINY, run_medmoe
-from megatron_medmoe.config import ConfigError, dump_config, load_config, resolve_config
+from conftest import REPO, TINY, run_medmoe, train_stage
+from megatron_medmoe.config import ConfigError, dump_config, load_config, load_stages, resolve_config
+
+
+def cpt(overrides=()):
+    return next(s.config for s in load_stages(TINY, overrides) if s.name == "cpt")
 
 
 @pytest.fixture(autouse=True)
@@ -14,14 +18,14 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name files relative to the repository
 
 
-def problems(overrides, world_size=None, path=TINY):
+def problems(overrides, world_size=None):
     with pytest.raises(ConfigError) as err:
-        resolve_config(load_config(path, overrides), world_size=world_size)
+        resolve_config(cpt(overrides), world_size=world_size)
     return str(err.value)
 
 
 def test_tiny_recipe_resolves():
-    cfg = resolve_config(load_config(TINY))
+    cfg = resolve_config(cpt())
     assert cfg.model.vocab_size == 1024  # from the dataset's summary (the bundled tokenizer)
     assert cfg.parallel.data == 2  # the smallest data-parallel size that holds EP 2
     assert cfg.moe.expert_slots == 8 and cfg.parallel.expert_tensor == 1
@@ -46,7 +50,7 @@ def test_expert_parallel_must_divide_experts_and_suggests_padding():
 
 
 def test_expert_parallel_three_with_twelve_language_experts_is_fine():
-    cfg = resolve_config(load_config(TINY, ["data.language_table=languages12", "parallel.expert=3",
+    cfg = resolve_config(cpt(["data.language_table=languages12", "parallel.expert=3",
                                             "moe.expert_slots=null", "training.global_batch_size=12"]))
     assert cfg.moe.expert_slots == 12 and cfg.parallel.data == 3
 
@@ -64,14 +68,14 @@ def test_world_size_must_be_tp_pp_dp():
 
 
 def test_launcher_world_size_sets_data_parallel():
-    cfg = resolve_config(load_config(TINY, ["parallel.tensor=2", "parallel.expert=1", "moe.expert_slots=null"]),
+    cfg = resolve_config(cpt(["parallel.tensor=2", "parallel.expert=1", "moe.expert_slots=null"]),
                          world_size=8)
     assert cfg.parallel.data == 4 and cfg.parallel.sequence_parallel is True
 
 
 def test_unknown_key_suggests_the_close_one():
     with pytest.raises(ConfigError) as err:
-        load_config(TINY, ["model.hiden_size=32"])
+        load_stages(TINY, ["model.hiden_size=32"])
     assert "model.hiden_size: unknown key; did you mean 'model.hidden_size'?" in str(err.value)
 
 
@@ -122,7 +126,7 @@ def test_overrides_parse_yaml_values():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = resolve_config(load_config(TINY, ["parallel.expert=1", "moe.expert_slots=null"]))
+    cfg = resolve_config(cpt(["parallel.expert=1", "moe.expert_slots=null"]))
     path = tmp_path / "run_config.yaml"
     dump_config(cfg, str(path))
     again = load_config(str(path))
@@ -132,8 +136,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
     start = time.monotonic()
-    proc = run_medmoe(["train", TINY, "parallel.expert=2", "moe.expert_slots=null",
-                       f"logging.output_dir={tmp_path / 'out'}"], check=False, timeout=120)
+    proc = run_medmoe(train_stage("cpt", "parallel.expert=2", "moe.expert_slots=null",
+                                  f"logging.output_dir={tmp_path / 'out'}"), check=False, timeout=120)
     assert proc.returncode == 2
     assert "parallel.expert (2) must divide the number of experts (7" in proc.stderr
     assert "starting" not in proc.stdout and not (tmp_path / "out").exists()
@@ -146,5 +150,5 @@ def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
     ("training.precision=bf16", "training.precision=bf16 needs GPUs"),
 ])
 def test_cli_refuses_gpu_only_options_on_cpu(tmp_path, override, message):
-    proc = run_medmoe(["train", TINY, override, f"logging.output_dir={tmp_path}"], check=False, timeout=120)
+    proc = run_medmoe(train_stage("cpt", override, f"logging.output_dir={tmp_path}"), check=False, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr

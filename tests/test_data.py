@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, TINY_SFT
-from megatron_medmoe.config import load_config, resolve_config
+from conftest import REPO, tiny_config
 from megatron_medmoe.data.batches import RowBuilder, causal_mask, document_mask, rows_of_batch
 from megatron_medmoe.data.blending import apollo_plan, knowledge_mask, language_shares, temperature_plan, weighted_plan
 from megatron_medmoe.data.dataset import PreprocessedDataset
@@ -161,15 +160,8 @@ def test_temperature_sampling_over_languages():
 
 @pytest.fixture(scope="module")
 def sft_data():
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        cfg = resolve_config(load_config(TINY_SFT, ["training.train_steps=6", "parallel.data=2", "checkpoint.load=null"]))
-        return cfg, TrainingData(cfg, load_registry())
-    finally:
-        os.chdir(cwd)
+    cfg = tiny_config("sft", ["training.train_steps=6", "parallel.data=2", "checkpoint.load=null"])
+    return cfg, TrainingData(cfg, load_registry())
 
 
 def test_data_parallel_ranks_read_disjoint_rows_covering_the_batch():
@@ -195,16 +187,9 @@ def test_sft_rows_train_on_answers_only(sft_data):
     assert batch["attention_mask"].shape == (1, 1, 128, 128)
 
 
-def test_cpt_rows_train_on_every_token(tmp_path):
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        cfg = resolve_config(load_config(TINY, ["training.train_steps=2", "parallel.data=2"]))
-        batch = TrainingData(cfg, load_registry()).micro_batches(0, 0, 2)[0]
-    finally:
-        os.chdir(cwd)
+def test_cpt_rows_train_on_every_token():
+    cfg = tiny_config("cpt", ["training.train_steps=2", "parallel.data=2"])
+    batch = TrainingData(cfg, load_registry()).micro_batches(0, 0, 2)[0]
     pieces_end = (batch["labels"] == 0) & (batch["loss_mask"] == 0)  # document ends and padding
     assert float(batch["loss_mask"].mean()) > 0.95 and bool(pieces_end.any())  # continuous packing: no padding
 

@@ -35,13 +35,16 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_make_demo_preprocesses_then_trains_both_stages():
+    import shutil
+
+    shutil.rmtree(REPO / "runs" / "tiny", ignore_errors=True)  # else the finished stages are skipped
     proc = run_block("make demo")
-    cpt, sft = read_metrics(REPO / "runs" / "tiny_cpt"), read_metrics(REPO / "runs" / "tiny_sft")
+    cpt, sft = read_metrics(REPO / "runs" / "tiny", "cpt"), read_metrics(REPO / "runs" / "tiny", "sft")
     assert cpt[-1]["step"] == 300 and cpt[-1]["loss"] < cpt[0]["loss"] - 3.0
     assert len(cpt[-1]["family_loss"]) == 7
     for family, loss in cpt[-1]["family_loss"].items():
         assert loss < cpt[0]["family_loss"].get(family, 7.0) - 2.0, family
-    assert "loaded model weights from runs/tiny_cpt/checkpoints (saved at step 300)" in proc.stdout
+    assert "initialized the model weights from runs/tiny/checkpoints/cpt (saved at step 300)" in proc.stdout
     assert sft[-1]["step"] == 120 and sft[-1]["loss"] < sft[0]["loss"] - 1.0
     assert sft[0]["loss"] < cpt[0]["loss"] - 2.0  # stage 2 starts from stage 1's weights, not from scratch
     assert "English" in proc.stdout and "loss by family: Sino-Tibetan" in proc.stdout and "expert share" in proc.stdout
@@ -49,12 +52,17 @@ def test_make_demo_preprocesses_then_trains_both_stages():
 
 @pytest.mark.multiprocess
 def test_every_other_shell_block_runs():
+    import shutil
+
+    shutil.rmtree(REPO / "runs" / "resume", ignore_errors=True)
     blocks = [b for path in DOCS for b in shell_blocks(path)]
     assert len(blocks) >= 2
     for block in blocks[1:]:
         run_block(block)
-    for out in ("tp2", "pp2ep2", "temperature", "torchrun"):
-        assert read_metrics(REPO / "runs" / out)[-1]["step"] == 50
+    for out, stage in (("tp2", "cpt"), ("pp2ep2", "cpt"), ("temperature", "sft"), ("torchrun", "cpt")):
+        assert read_metrics(REPO / "runs" / out, stage)[-1]["step"] == 50
+    resumed = read_metrics(REPO / "runs" / "resume", "cpt")
+    assert [r["step"] for r in resumed] == list(range(10, 61, 10))  # one run stopped by the clock, one resumed
     assert (REPO / "runs" / "data" / "kongolese.json").exists() and (REPO / "runs" / "data" / "chat_copy.png").exists()
 
 

@@ -2,7 +2,7 @@
 spec. From one checkpoint, both implementations train to the same losses on one GPU."""
 import pytest
 
-from conftest import TINY, gpu_only, read_metrics, run_medmoe
+from conftest import gpu_only, read_metrics, run_medmoe, train_stage
 
 SINGLE_GPU = ["parallel.expert=1", "moe.expert_slots=null", "training.train_steps=4", "logging.log_interval=1",
               "training.global_batch_size=8", "training.micro_batch_size=2"]
@@ -12,12 +12,13 @@ SINGLE_GPU = ["parallel.expert=1", "moe.expert_slots=null", "training.train_step
 def test_transformer_engine_spec_matches_local_spec(tmp_path):
     pytest.importorskip("transformer_engine.pytorch", reason="TransformerEngine is not installed")
     init = tmp_path / "init"
-    run_medmoe(["train", TINY, *SINGLE_GPU, "training.train_steps=0", "model.transformer_impl=local",
-                f"checkpoint.save={init}", f"logging.output_dir={init}"], CUDA_VISIBLE_DEVICES="0")
+    run_medmoe(train_stage("cpt", *SINGLE_GPU, "training.train_steps=0", "model.transformer_impl=local",
+                           f"checkpoint.save={init}", f"logging.output_dir={init}"), CUDA_VISIBLE_DEVICES="0")
     losses = {}
     for impl in ("local", "transformer_engine"):
         out = tmp_path / impl
-        run_medmoe(["train", TINY, *SINGLE_GPU, f"model.transformer_impl={impl}", f"checkpoint.load={init}",
-                    f"logging.output_dir={out}"], CUDA_VISIBLE_DEVICES="0")
-        losses[impl] = [r["loss"] for r in read_metrics(out)]
+        run_medmoe(train_stage("cpt", *SINGLE_GPU, f"model.transformer_impl={impl}", f"checkpoint.load={init}/cpt",
+                               "checkpoint.finetune=true", "checkpoint.save=null", f"logging.output_dir={out}"),
+                   CUDA_VISIBLE_DEVICES="0")
+        losses[impl] = [r["loss"] for r in read_metrics(out, "cpt")]
     assert losses["transformer_engine"] == pytest.approx(losses["local"], rel=1e-3)

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, TINY, run_medmoe
+from conftest import REPO, run_medmoe, train_stage
 from megatron_medmoe.data.tokenizer import TokenizerError, load_tokenizer
 
 
@@ -27,6 +27,6 @@ def test_training_stops_cleanly_on_a_bad_dataset(tmp_path, damage, message):
         (tmp_path / "tiny_text.bin").unlink()
     else:
         overrides += ["data.language_table=languages12", "moe.expert_slots=12"]
-    proc = run_medmoe(["train", TINY, *overrides], check=False, timeout=300)
+    proc = run_medmoe(train_stage("cpt", *overrides), check=False, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert message in proc.stderr and str(prefix) in proc.stderr and "Traceback" not in proc.stderr

@@ -3,7 +3,7 @@ of several training steps is equal in fp32, within 1e-6 relative, for TP, EP (bo
 PP, interleaved PP, combined 4-process layouts, and other expert slot counts and placements. Every run is `medmoe train` in real processes."""
 import pytest
 
-from conftest import TINY, read_metrics, run_medmoe
+from conftest import read_metrics, run_medmoe, train_stage
 
 STEPS = 4
 COMMON = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.log_interval=1",
@@ -27,10 +27,11 @@ LAYOUTS = {
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     init = root / "init"
-    run_medmoe(["train", TINY, *COMMON, "training.train_steps=0", f"checkpoint.save={init}",
-                f"logging.output_dir={init}"])
-    run_medmoe(["train", TINY, *COMMON, f"checkpoint.load={init}", f"logging.output_dir={root / 'ref'}"])
-    return root, [r["loss"] for r in read_metrics(root / "ref")]
+    run_medmoe(train_stage("cpt", *COMMON, "training.train_steps=0", f"checkpoint.save={init}",
+                           f"logging.output_dir={init}"))
+    run_medmoe(train_stage("cpt", *COMMON, f"checkpoint.load={init}/cpt", "checkpoint.finetune=true",
+                           "checkpoint.save=null", f"logging.output_dir={root / 'ref'}"))
+    return root, [r["loss"] for r in read_metrics(root / "ref", "cpt")]
 
 
 @pytest.mark.multiprocess
@@ -39,7 +40,7 @@ def test_same_losses_as_one_process(reference, name):
     root, expected = reference
     assert len(expected) == STEPS and expected[-1] < expected[0]
     out = root / name
-    run_medmoe(["train", TINY, *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}",
-                f"logging.output_dir={out}"])
-    losses = [r["loss"] for r in read_metrics(out)]
+    run_medmoe(train_stage("cpt", *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}/cpt",
+                           "checkpoint.finetune=true", "checkpoint.save=null", f"logging.output_dir={out}"))
+    losses = [r["loss"] for r in read_metrics(out, "cpt")]
     assert losses == pytest.approx(expected, rel=1e-6, abs=0), f"{name}: {losses} vs {expected}"

@@ -2,11 +2,11 @@
 every layout from the same initial weights; DALI and the default loader feed the same rows."""
 import pytest
 
-from conftest import TINY_SFT, read_metrics, run_medmoe
+from conftest import read_metrics, run_medmoe, train_stage
 
 STEPS = 4
 COMMON = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.log_interval=1",
-          "training.lr_warmup_steps=1", "parallel.expert=1", "data.attention=per_document", "checkpoint.save=null",
+          "training.lr_warmup_steps=1", "parallel.expert=1", "data.attention=per_document",
           f"training.train_steps={STEPS}"]
 LAYOUTS = {
     "tp2": ["parallel.tensor=2"],
@@ -19,10 +19,11 @@ LAYOUTS = {
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     init = root / "init"
-    run_medmoe(["train", TINY_SFT, *COMMON, "checkpoint.load=null", "training.train_steps=0",
-                f"checkpoint.save={init}", f"logging.output_dir={init}"])
-    run_medmoe(["train", TINY_SFT, *COMMON, f"checkpoint.load={init}", f"logging.output_dir={root / 'ref'}"])
-    return root, [r["loss"] for r in read_metrics(root / "ref")]
+    run_medmoe(train_stage("sft", *COMMON, "checkpoint.load=null", "training.train_steps=0",
+                           f"checkpoint.save={init}", f"logging.output_dir={init}"))
+    run_medmoe(train_stage("sft", *COMMON, f"checkpoint.load={init}/sft", "checkpoint.finetune=true",
+                           "checkpoint.save=null", f"logging.output_dir={root / 'ref'}"))
+    return root, [r["loss"] for r in read_metrics(root / "ref", "sft")]
 
 
 @pytest.mark.multiprocess
@@ -31,7 +32,7 @@ def test_sft_same_losses_under_every_layout(reference, name):
     if "dali" in name:
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
     root, expected = reference
-    run_medmoe(["train", TINY_SFT, *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}",
-                f"logging.output_dir={root / name}"])
-    losses = [r["loss"] for r in read_metrics(root / name)]
+    run_medmoe(train_stage("sft", *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}/sft",
+                           "checkpoint.finetune=true", "checkpoint.save=null", f"logging.output_dir={root / name}"))
+    losses = [r["loss"] for r in read_metrics(root / name, "sft")]
     assert losses == pytest.approx(expected, rel=1e-6, abs=0), f"{name}: {losses} vs {expected}"

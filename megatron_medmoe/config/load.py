@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """One or more problems with a configuration, each naming the field and the rule it breaks."""
 
     def __init__(self, problems: Sequence[str], source: str = ""):
-        self.problems = list(problems)
+        self.problems = list(dict.fromkeys(problems))  # a recipe's stages may repeat a problem
         head = f"invalid configuration{f' ({source})' if source else ''}:"
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
 
@@ -35,13 +35,20 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 class Stage:
     name: str  # "" for a recipe without stages
     config: RunConfig
+    previous: Optional[str] = None  # the stage whose final weights this one starts from
+    weights_from: Optional[str] = None  # that stage's save directory (None: it saves nothing)
 
 
-def _read_recipe(path: str | None) -> Dict[str, Any]:
+def _read_recipe(path: str | None, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """The recipe's sections; `base: OTHER.yaml` (relative to the recipe) is read first and the recipe's own
+    fields replace its fields one by one (a recipe's `stages` replace the base's)."""
     if path is None:
         return {}
     if not os.path.isfile(path):
-        raise ConfigError([f"recipe file {path!r} does not exist"])
+        where = f" (the base of {seen[-1]!r})" if seen else ""
+        raise ConfigError([f"recipe file {path!r}{where} does not exist"])
+    if os.path.realpath(path) in seen:
+        raise ConfigError([f"recipes name each other as base in a cycle: {' -> '.join([*seen, path])}"])
     with open(path, encoding="utf-8") as f:
         try:
             raw = yaml.safe_load(f) or {}
@@ -49,7 +56,18 @@ def _read_recipe(path: str | None) -> Dict[str, Any]:
             raise ConfigError([f"not valid YAML: {e}"], path) from e
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping of sections (model:, moe:, parallel:, ...)"], path)
-    return raw
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError([f"base: expected the path of another recipe, got {base!r}"], path)
+    merged = _read_recipe(os.path.join(os.path.dirname(path), base), (*seen, os.path.realpath(path)))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
 
 
 def _apply_overrides(raw: Dict[str, Any], overrides: Sequence[Tuple[str, Any]], problems: List[str]) -> None:
@@ -78,8 +96,8 @@ def load_stages(path: str | None, overrides: Sequence[str] = ()) -> List[Stage]:
     overrides (`section.key=value` for every stage, `stages.NAME.section.key=value` for one).
 
     In a recipe with stages each stage writes to OUTPUT_DIR/NAME and SAVE/NAME, and a stage after the first
-    starts from the previous stage's final weights with a fresh optimizer, unless it names its own
-    checkpoint.load."""
+    starts from the previous stage's final weights with a fresh optimizer (Stage.weights_from), unless it
+    names its own checkpoint.load."""
     raw = _read_recipe(path)
     problems: List[str] = []
     common, per_stage = [], {}
@@ -124,8 +142,9 @@ def load_stages(path: str | None, overrides: Sequence[str] = ()) -> List[Stage]:
         stage_problems: List[str] = []
         cfg = _build(RunConfig, merged, "", stage_problems)
         problems += [p for p in stage_problems if p not in problems]
-        own_load = "load" in entry.get("checkpoint", {}) or any(k == "checkpoint.load" for k, _ in per_stage.get(name, []))
-        stages.append(_stage_paths(name, cfg, stages[-1] if stages else None, own_load, problems))
+        own_load = "load" in entry.get("checkpoint", {}) or any(
+            k == "checkpoint.load" for k, _ in common + per_stage.get(name, []))
+        stages.append(_stage_paths(name, cfg, stages[-1] if stages else None, own_load))
     unknown = sorted(set(per_stage) - set(names))
     if unknown:
         problems.append(f"overrides name stages {unknown}, but the recipe's stages are {names}")
@@ -134,16 +153,12 @@ def load_stages(path: str | None, overrides: Sequence[str] = ()) -> List[Stage]:
     return stages
 
 
-def _stage_paths(name: str, cfg: RunConfig, previous: Optional[Stage], own_load: bool, problems: List[str]) -> Stage:
+def _stage_paths(name: str, cfg: RunConfig, previous: Optional[Stage], own_load: bool) -> Stage:
     cfg.logging.output_dir = os.path.join(cfg.logging.output_dir, name)
     if cfg.checkpoint.save:
         cfg.checkpoint.save = os.path.join(cfg.checkpoint.save, name)
-    if previous is not None and not own_load:
-        if not previous.config.checkpoint.save:
-            problems.append(f"stages.{name} starts from stage {previous.name!r}'s weights, which needs "
-                            "checkpoint.save (or give the stage its own checkpoint.load)")
-        cfg.checkpoint.load = previous.config.checkpoint.save
-        cfg.checkpoint.finetune = True
+    if previous is not None and not own_load:  # checkpoint.load is set when the stage runs (it exists by then)
+        return Stage(name, cfg, previous=previous.name, weights_from=previous.config.checkpoint.save)
     return Stage(name, cfg)
 
 

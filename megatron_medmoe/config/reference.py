@@ -49,6 +49,15 @@ def render_reference() -> str:
         "command line as `section.field=value` (values are read as YAML: `null`, `true`, `[a, b]`, `1e-4`).",
         "Everything is validated once at load; the resolved config is printed and saved as `run_config.yaml`.",
         "",
+        "Two top-level keys are not sections:",
+        "",
+        "- `base: OTHER.yaml` (a path relative to the recipe): start from that recipe; this recipe's fields",
+        "  replace the base's one by one, and its `stages` replace the base's stages.",
+        "- `stages: [{name: NAME, <section>: {...}}, ...]`: run stage after stage, each with the recipe's sections",
+        "  updated by its own; a stage writes to `logging.output_dir/NAME` and `checkpoint.save/NAME` and starts",
+        "  from the previous stage's final weights with a fresh optimizer (unless it sets `checkpoint.load`).",
+        "  `medmoe train RECIPE --stage NAME` runs one; `stages.NAME.section.field=value` overrides one.",
+        "",
     ]
     hints = typing.get_type_hints(RunConfig)
     for section in dataclasses.fields(RunConfig):

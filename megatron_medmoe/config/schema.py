@@ -16,7 +16,7 @@ class ModelConfig:
     ffn_hidden_size: int = 176  # SwiGLU intermediate size of the dense MLP (and of each expert)
     num_attention_heads: int = 4  # query heads
     num_query_groups: int = 2  # key/value heads (grouped-query attention)
-    vocab_size: Optional[int] = None  # null: the tokenizer's size (data.tokenizer)
+    vocab_size: Optional[int] = None  # null: the vocabulary of the tokenizer the datasets were preprocessed with
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (layout-independent)
     max_position_embeddings: int = 32768  # longest sequence the rotary embedding is meant for
     rotary_base: float = 1000000.0  # rotary embedding theta (Qwen2: 1e6)
@@ -70,6 +70,7 @@ class TrainingConfig:
     lr: float = 3e-3  # peak learning rate (after warm-up)
     min_lr: float = 3e-4  # learning rate at the end of the decay
     lr_warmup_steps: int = 20  # linear warm-up from 0
+    lr_warmup_fraction: Optional[float] = None  # warm-up as a fraction of the decay steps (e.g. 0.03); overrides lr_warmup_steps
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
     lr_decay_steps: Optional[int] = None  # null: train_steps
     weight_decay: float = 0.1  # AdamW weight decay (not on biases and norms)

@@ -186,6 +186,8 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
                  f"of parallel.pipeline ({pp}); raise training.global_batch_size")
     need(0 <= tr.min_lr <= tr.lr, f"training.min_lr ({tr.min_lr}) must be between 0 and training.lr ({tr.lr})")
     need(tr.lr_warmup_steps >= 0, "training.lr_warmup_steps must be >= 0")
+    need(tr.lr_warmup_fraction is None or 0 <= tr.lr_warmup_fraction < 1,
+         f"training.lr_warmup_fraction must be in [0, 1), got {tr.lr_warmup_fraction}")
     need(tr.clip_grad >= 0, "training.clip_grad must be >= 0 (0 = no clipping)")
     need(0 <= tr.adam_beta1 < 1 and 0 <= tr.adam_beta2 < 1, "training.adam_beta1/adam_beta2 must be in [0, 1)")
     need(tr.recompute_num_layers >= 1, "training.recompute_num_layers must be at least 1")

@@ -41,13 +41,18 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
         stages = [s for s in stages if s.name == only]
     resolved = []
     for stage in stages:
+        if stage.previous and not stage.weights_from:
+            raise ConfigError([f"stage {stage.name!r} starts from stage {stage.previous!r}'s final weights, which "
+                               "needs checkpoint.save (or give the stage its own checkpoint.load)"], config_path)
         cfg = resolve_config(stage.config, world_size=env.world_size if env else None)
         if use_transformer_engine(cfg.model.transformer_impl) and cfg.data.attention == "per_document":
             raise BackendError("data.attention=per_document is not supported with TransformerEngine layers yet: "
                                "use model.transformer_impl=local, or data.attention=shared")
         if cfg.training.precision == "bf16" and not torch.cuda.is_available():
             raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
-        resolved.append(Stage(stage.name, cfg))
+        if stage.weights_from:
+            cfg.checkpoint.load, cfg.checkpoint.finetune = stage.weights_from, True
+        resolved.append(Stage(stage.name, cfg, stage.previous, stage.weights_from))
     return resolved
 
 
@@ -59,7 +64,7 @@ def _complete(stage: Stage) -> bool:
         done = latest_iteration(save) if save else None
     except CheckpointError:
         return False
-    return done is not None and done >= stage.config.training.train_steps
+    return done is not None and done >= stage.config.training.train_steps > 0
 
 
 def run_train(config_path: str, overrides: Sequence[str], only: Optional[str] = None) -> int:

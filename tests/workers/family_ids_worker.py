@@ -21,7 +21,7 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
-from megatron_medmoe.config import load_config, resolve_config  # noqa: E402
+from megatron_medmoe.config import load_stages, resolve_config  # noqa: E402
 from megatron_medmoe.data.batches import causal_mask  # noqa: E402
 from megatron_medmoe.model.gpt import build_model_chunks  # noqa: E402
 from megatron_medmoe.model.moe_layer import FamilyMoELayer  # noqa: E402
@@ -65,11 +65,11 @@ def main():
     overrides = [a for a in sys.argv[3:] if "=" in a]
     granularity = {"none": "null", "full": "full", "moe": "selective"}[recompute]
     env = detect_launch_env()
-    cfg = resolve_config(load_config("examples/tiny_cpt.yaml", [
+    cfg = resolve_config(next(s.config for s in load_stages("examples/tiny.yaml", [
         "parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=1", "moe.expert_slots=null", "moe.moe_last_n=3",
         f"training.recompute_granularity={granularity}", "training.recompute_modules=[moe]",
         f"training.micro_batch_size={MBS}", f"training.global_batch_size={MBS * NUM_MICRO}",
-        "training.train_steps=1", *overrides]), world_size=env.world_size)
+        "training.train_steps=1", *overrides]) if s.name == "cpt"), world_size=env.world_size)
     initialize_distributed(cfg, env)
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
