@@ -2,7 +2,9 @@
 
 Each worker is `python -m megatron_medmoe <same arguments>` with torchrun-style variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so it joins exactly as under torchrun. Signals sent
-to this parent are forwarded to every worker; if a worker fails, the others are stopped.
+to this parent are forwarded to every worker; if a worker fails, the others are stopped. Each worker leads
+its own process group, and whatever is left of a group when the job ends (helper processes of a rank that
+was killed, e.g. checkpoint writers, which would hold the job's output pipes open) is killed with it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,17 @@ def worker_env(rank: int, world_size: int, port: int) -> dict:
     return env
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what remains of a worker's process group (nothing, after a clean exit)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float = 30.0) -> int:
     """Run `python -m megatron_medmoe *argv` as `world_size` ranks; return the job's exit code.
 
@@ -41,7 +54,8 @@ def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float
     in a collective forever); EXIT_REQUEUE is not an error: ranks stopping on a signal exit with it."""
     port = free_port()
     procs: List[subprocess.Popen] = [
-        subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], env=worker_env(r, world_size, port))
+        subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], env=worker_env(r, world_size, port),
+                         process_group=0)
         for r in range(world_size)
     ]
 
@@ -65,6 +79,8 @@ def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for p in procs:
+            _kill_group(p)
     codes = [p.returncode for p in procs]
     failures = [c for c in codes if c not in (EXIT_OK, EXIT_REQUEUE)]
     if not failures:

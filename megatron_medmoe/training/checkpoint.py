@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..config import RunConfig, dump_config
 from ..model.experts import SlottedSequentialMLP
+from .optimizer import schedule_changes
 
 LATEST = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -219,6 +220,9 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
             raise CheckpointError(f"{path} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        changes = schedule_changes(common["opt_param_scheduler"], scheduler)
+        if changes and dist.get_rank() == 0:
+            print(f"the recipe's learning-rate schedule replaces the checkpoint's: {', '.join(changes)}", flush=True)
         scheduler.load_state_dict(common["opt_param_scheduler"])
         if same_layout:
             _set_rng_state(loaded["rng_state"])

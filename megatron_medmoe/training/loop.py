@@ -29,7 +29,7 @@ from ..runtime.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from .checkpoint import TrainState, current_layout, latest_iteration, load_checkpoint, save_checkpoint
 from .loggers import open_writers
 from .metrics import TrainingMetrics
-from .optimizer import build_optimizer, build_scheduler, current_lr
+from .optimizer import build_optimizer, build_scheduler, current_lr, step_if_finite
 from .signals import StopRequest
 from .step import make_forward_step, sum_reports
 
@@ -100,7 +100,10 @@ def _train(cfg: RunConfig) -> int:
     state, resumed = _start(cfg, models, optimizer, scheduler, on_gpu)
     state.layout = current_layout(cfg, on_gpu)
     if state.iteration >= tr.train_steps:
-        say(f"already at step {state.iteration} of {tr.train_steps}: nothing to train")
+        if tr.train_steps == 0 and cfg.checkpoint.save and not resumed:  # the initial weights, e.g. to share
+            say(f"saved the initial weights: {save_checkpoint(cfg.checkpoint.save, state, models, cfg)}")
+        else:
+            say(f"already at step {state.iteration} of {tr.train_steps}: nothing to train")
         return EXIT_OK
     remaining = tr.train_steps - state.iteration
     training_data = TrainingData(cfg, registry, total_rows=state.consumed_rows + remaining * tr.global_batch_size)
@@ -140,7 +143,7 @@ def _train(cfg: RunConfig) -> int:
                 where = f"non-finite loss at step {step}, micro-batch {bad[0]} on rank {bad[1]}"
                 updated, grad_norm = False, None
             else:
-                updated, grad_norm, _ = optimizer.step()
+                updated, grad_norm = step_if_finite(optimizer)
                 where = None if updated else f"non-finite gradient norm ({grad_norm}) at step {step}"
             if where is not None:
                 if tr.on_nonfinite == "stop":

@@ -9,13 +9,14 @@ ranks. Both follow megatron-core's OptimizerParamScheduler for warm-up and decay
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
@@ -87,6 +88,28 @@ class CpuOptimizer(FP32Optimizer):
         return self.step_with_ready_grads(), norm, None
 
 
+@torch.no_grad()
+def step_if_finite(optimizer) -> Tuple[bool, Optional[float]]:
+    """(updated, gradient norm): one optimizer step, or none at all when the gradient norm is not finite.
+
+    megatron-core's own step only checks for inf/NaN with a loss scaler (fp16); in bf16 it would clip by a
+    NaN norm and write NaN into every weight. So on GPU this is ChainedOptimizer.step with the check added."""
+    if isinstance(optimizer, CpuOptimizer):
+        updated, norm, _ = optimizer.step()
+        return updated, norm
+    if optimizer.prepare_grads():  # a loss scaler found inf/NaN
+        return False, None
+    norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(norm):
+        return False, norm
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = member.get_parameters()
+        if params and member.config.clip_grad > 0:
+            clip_grad_by_total_norm_fp32(params, max_norm=member.config.clip_grad, total_norm=norm,
+                                         use_decoupled_grad=member.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), norm
+
+
 def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool):
     bf16 = tr.precision == "bf16"
     config = OptimizerConfig(optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
@@ -105,19 +128,35 @@ def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool):
 
 def build_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamScheduler:
     decay_steps = tr.lr_decay_steps or max(tr.train_steps, 1)
+    warmup = tr.lr_warmup_steps if tr.lr_warmup_fraction is None else round(tr.lr_warmup_fraction * decay_steps)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=tr.lr,
         min_lr=tr.min_lr,
-        lr_warmup_steps=min(tr.lr_warmup_steps, decay_steps - 1) if decay_steps > 1 else 0,
+        lr_warmup_steps=min(warmup, decay_steps - 1) if decay_steps > 1 else 0,
         lr_decay_steps=decay_steps,
         lr_decay_style=tr.lr_decay_style,
         start_wd=tr.weight_decay,
         end_wd=tr.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
+        # on resume the recipe's schedule wins (a run extended to more steps decays over the new length);
+        # load_checkpoint says which values changed. megatron-core's default silently keeps the checkpoint's.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
+
+
+SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd",
+                   "end_wd", "wd_incr_steps", "wd_incr_style")
+
+
+def schedule_changes(saved: dict, scheduler: OptimizerParamScheduler) -> List[str]:
+    """'field old -> new' for each schedule setting where the recipe differs from a checkpoint's scheduler."""
+    current = scheduler.state_dict()
+    return [f"{k} {saved[k]} -> {current[k]}" for k in SCHEDULE_FIELDS
+            if k in saved and k in current and saved[k] != current[k]]
 
 
 def current_lr(optimizer) -> Optional[float]:
