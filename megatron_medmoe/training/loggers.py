@@ -1,7 +1,8 @@
 """Where metrics go besides the console and metrics.jsonl: TensorBoard and Weights & Biases (rank 0).
 
 Weights & Biases runs offline (files under OUTPUT_DIR/wandb, `wandb sync` later) unless WANDB_API_KEY is
-set in the environment; the key is only ever read from there, never printed, logged or saved.
+set in the environment (or WANDB_MODE says otherwise); the key is only ever read from there by wandb itself,
+never printed, logged or saved by us.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class WandbWriter:
     def __init__(self, cfg: RunConfig, run_config: dict):
         import wandb
 
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        # WANDB_MODE, when set, decides (offline, disabled, ...); else online only with a key
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.run = wandb.init(project=cfg.logging.wandb_project, dir=cfg.logging.output_dir, mode=mode,
                               config=run_config, name=os.path.basename(os.path.normpath(cfg.logging.output_dir)),
                               reinit="finish_previous")
