@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="input bytes per tokenizing task (default 8 MiB; memory holds a few of them)")
     pre.add_argument("--quiet", action="store_true", help="no progress line and no table")
     pre.set_defaults(func=_preprocess)
+
+    from .convert.command import add_convert_parser
+
+    add_convert_parser(commands)
     return parser
 
 

@@ -54,7 +54,8 @@ def test_make_demo_preprocesses_then_trains_both_stages():
 def test_every_other_shell_block_runs():
     import shutil
 
-    shutil.rmtree(REPO / "runs" / "resume", ignore_errors=True)
+    for done in ("resume", "hf", "convert"):  # outputs the blocks create anew
+        shutil.rmtree(REPO / "runs" / done, ignore_errors=True)
     blocks = [b for path in DOCS for b in shell_blocks(path)]
     assert len(blocks) >= 2
     for block in blocks[1:]:
@@ -63,6 +64,8 @@ def test_every_other_shell_block_runs():
         assert read_metrics(REPO / "runs" / out, stage)[-1]["step"] == 50
     resumed = read_metrics(REPO / "runs" / "resume", "cpt")
     assert [r["step"] for r in resumed] == list(range(10, 61, 10))  # one run stopped by the clock, one resumed
+    assert (REPO / "runs" / "hf" / "tiny-moe" / "tokenizer.json").exists()  # exported with the datasets' tokenizer
+    assert read_metrics(REPO / "runs" / "convert" / "train", "cpt")[-1]["step"] == 20
     assert (REPO / "runs" / "data" / "kongolese.json").exists() and (REPO / "runs" / "data" / "chat_copy.png").exists()
 
 

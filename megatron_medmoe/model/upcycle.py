@@ -42,7 +42,15 @@ def upcycle_state_dict(dense: Dict[str, torch.Tensor], moe_layers: Iterable[int]
     missing = sorted(moe_layers - layer_prefix.keys())
     if missing:
         raise ValueError(f"the dense state dict has no decoder.layers.N.mlp weights for layers {missing}")
-    generator = torch.Generator().manual_seed(seed)
-    for index in sorted(moe_layers):
-        out[f"{layer_prefix[index]}mlp.router.weight"] = torch.randn(num_experts, hidden_size, generator=generator) * router_std
+    for index, weight in fresh_routers(moe_layers, num_experts, hidden_size, seed, router_std).items():
+        out[f"{layer_prefix[index]}mlp.router.weight"] = weight
     return out
+
+
+def fresh_routers(moe_layers: Iterable[int], num_experts: int, hidden_size: int, seed: int,
+                  router_std: float = 0.02) -> Dict[int, torch.Tensor]:
+    """Router weights ~ normal(0, router_std), drawn from one generator seeded with `seed`, layer by layer in
+    increasing order (so the same seed gives the same routers whichever code upcycles)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {index: torch.randn(num_experts, hidden_size, generator=generator) * router_std
+            for index in sorted(set(moe_layers))}

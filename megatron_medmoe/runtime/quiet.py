@@ -8,6 +8,10 @@ KNOWN_NOISE = (
     r"full scope is deprecated",  # raised by megatron-core's own TransformerConfig default
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # megatron-core's call into torch
     r"`torch\.jit\.script_method` is deprecated",  # megatron-core's jit fusions, imported on CPU too
+    r"Please use DTensor instead and we are deprecating ShardedTensor",  # torch_dist checkpoints, inside torch
+    r"`load_state_dict` is deprecated and will be removed",  # megatron-core's call into torch's checkpointing
+    r"torch\.distributed is disabled, unavailable or uninitialized",  # one-process conversions, by design
+    r"Initializing zero-element tensors is a no-op",  # transformers' size-0 shared expert (Qwen2-MoE exports)
 )
 
 

@@ -88,10 +88,15 @@ def find_checkpoint(load_dir: str) -> str:
                           "directory (with metadata.json)")
 
 
+# every layer under its own key (decoder.layers.N.*), dense models too: megatron-core would otherwise stack
+# the layers of a homogeneous (dense) model into one tensor per weight, and converters would need two layouts
+_MODEL_METADATA = {"non_homogeneous_layers": True}
+
+
 def _model_state(chunks) -> dict:
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": chunks[0].sharded_state_dict(metadata=dict(_MODEL_METADATA))}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=dict(_MODEL_METADATA)) for i, chunk in enumerate(chunks)}
 
 
 def _rng_state() -> dict:
@@ -193,7 +198,7 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
     saved = TrainState(**common.get("train_state", {}))
     layout = current_layout(cfg, on_gpu)
     same_layout = saved.layout == layout
-    sharded = _model_state(chunks)
+    sharded = _without_absent_extra_state(_model_state(chunks), path)
     model_state = dict(sharded)
     if optimizer is not None:
         if "optimizer" not in common and "opt_param_scheduler" not in common:
@@ -227,6 +232,23 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
         if same_layout:
             _set_rng_state(loaded["rng_state"])
     return saved
+
+
+def _without_absent_extra_state(model_state: dict, path: str) -> dict:
+    """Leave out the layers' `_extra_state` objects (TransformerEngine's FP8 metadata, None for local layers)
+    where the checkpoint has none: converted checkpoints hold tensors only, and a checkpoint saved with local
+    layers loads into TransformerEngine layers and back."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        present = {key.split("/shard_")[0] for key in FileSystemReader(path).read_metadata().state_dict_metadata}
+    except Exception:  # a damaged checkpoint: the load itself reports it
+        return model_state
+    out = {}
+    for name, chunk_state in model_state.items():
+        out[name] = {k: v for k, v in chunk_state.items()
+                     if not (k.endswith("._extra_state") and getattr(v, "key", k) not in present)}
+    return out
 
 
 def _same_model_layout(a: dict, b: dict) -> bool:
