@@ -9,6 +9,7 @@ at a time: memory holds one tensor, not the model.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
@@ -50,12 +51,14 @@ class _ProduceOnWrite(DefaultSavePlanner):
 
 def write_tensors(directory: str, tensors: Dict[str, LazyTensor], on_tensor: Callable[[str], None] = lambda k: None):
     """Write the model tensors of a torch_dist checkpoint into `directory` (which must exist)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
     planned = {key: torch.empty(lazy.shape, dtype=lazy.dtype, device="meta") for key, lazy in tensors.items()}
-    dcp.save(planned, storage_writer=FileSystemWriter(directory, single_file_per_rank=True, thread_count=1),
+    # one file per tensor: torch's writer keeps every tensor of a file alive until the file is complete
+    dcp.save(planned, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1),
              planner=_ProduceOnWrite(tensors, on_tensor), no_dist=True)
-    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), directory)
+    # what megatron-core's dist_checkpointing.core.save_config writes (without importing megatron-core here)
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                   "common_backend_version": 1}, f)
 
 
 class CheckpointTensors:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..config import load_config
-from ..training.checkpoint import CheckpointError, find_checkpoint
+from ..training.checkpoint_paths import CheckpointError, find_checkpoint
 from .errors import ConvertError
 from .hf_config import APOLLO_MOE, FORMATS, QWEN2, QWEN2_MOE, hf_config
 from .hf_io import ShardedOut, parse_size

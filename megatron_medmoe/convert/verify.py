@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..training.checkpoint import CheckpointError, find_checkpoint
+from ..training.checkpoint_paths import CheckpointError, find_checkpoint
 from .errors import ConvertError
 from .hf_config import APOLLO_MOE, read_config
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
@@ -32,15 +31,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..config import RunConfig, dump_config
 from ..model.experts import SlottedSequentialMLP
+from .checkpoint_paths import LATEST, _ITER_DIR, CheckpointError, find_checkpoint, iteration_dir, latest_iteration
 from .optimizer import schedule_changes
 
-LATEST = "latest_checkpointed_iteration.txt"
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the run."""
-
+__all__ = ["CheckpointError", "TrainState", "current_layout", "find_checkpoint", "iteration_dir", "latest_iteration",
+           "load_checkpoint", "save_checkpoint"]
 
 @dataclass
 class TrainState:
@@ -55,37 +50,6 @@ def current_layout(cfg: RunConfig, on_gpu: bool) -> dict:
     return {"tensor": par.tensor, "pipeline": par.pipeline, "virtual_pipeline": par.virtual_pipeline,
             "expert": par.expert, "expert_tensor": par.expert_tensor, "world": dist.get_world_size(),
             "optimizer": ("distributed:" + cfg.checkpoint.optimizer_format) if on_gpu else "adamw"}
-
-
-def iteration_dir(save_dir: str, iteration: int) -> str:
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
-
-
-def latest_iteration(save_dir: str) -> Optional[int]:
-    path = os.path.join(save_dir, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    try:
-        return int(text)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: expected an iteration number, got {text!r}") from e
-
-
-def find_checkpoint(load_dir: str) -> str:
-    """A checkpoint directory itself, or the latest complete one of a save directory."""
-    iteration = latest_iteration(load_dir)
-    if iteration is not None:
-        path = iteration_dir(load_dir, iteration)
-        if not os.path.isdir(path):
-            raise CheckpointError(f"{os.path.join(load_dir, LATEST)} names iteration {iteration}, but {path} "
-                                  "does not exist")
-        return path
-    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        return load_dir
-    raise CheckpointError(f"no checkpoint in {load_dir!r}: expected {LATEST} or a dist_checkpointing "
-                          "directory (with metadata.json)")
 
 
 # every layer under its own key (decoder.layers.N.*), dense models too: megatron-core would otherwise stack
