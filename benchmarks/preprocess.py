@@ -152,12 +152,13 @@ def ours(tokenizer_dir: str, path: str, workers: int):
 
 def loader_throughput(loader: str, seconds: float = 8.0):
     os.chdir(ROOT)
-    from megatron_medmoe.config import load_config, resolve_config
+    from megatron_medmoe.config import load_stages, resolve_config
     from megatron_medmoe.data.loader import TrainingData, batch_source
     from megatron_medmoe.languages import load_registry
 
-    cfg = resolve_config(load_config(os.path.join(ROOT, "examples", "tiny_sft.yaml"),
-                                     [f"data.loader={loader}", "training.train_steps=2000", "parallel.data=2", "checkpoint.load=null"]))
+    stages = load_stages(os.path.join(ROOT, "examples", "tiny.yaml"),
+                         [f"data.loader={loader}", "training.train_steps=2000", "parallel.data=2", "checkpoint.load=null"])
+    cfg = resolve_config(next(s.config for s in stages if s.name == "sft"))
     source = batch_source(TrainingData(cfg, load_registry()), 0, 2)
     source.micro_batches(0, 0, 2)
     start, step, batches = time.perf_counter(), 1, 0
