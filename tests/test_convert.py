@@ -33,12 +33,12 @@ def dense_qwen2(path, tied=True, dtype=torch.float32, seed=0):
     return str(path)
 
 
-def qwen2_moe(path, **extra):
+def qwen2_moe(path, shared=0, **extra):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(1)
     config = Qwen2MoeConfig(**SHAPE, moe_intermediate_size=80, num_experts=7, num_experts_per_tok=2,
-                            norm_topk_prob=False, mlp_only_layers=[0, 1], shared_expert_intermediate_size=0,
+                            norm_topk_prob=False, mlp_only_layers=[0, 1], shared_expert_intermediate_size=shared,
                             tie_word_embeddings=False, **extra)
     model = Qwen2MoeForCausalLM(config)
     with torch.no_grad():
@@ -46,7 +46,8 @@ def qwen2_moe(path, **extra):
             layer.self_attn.q_proj.bias.normal_(0, 0.5)
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.weight.normal_(0, 0.5)  # transformers starts routers at zero: make routing matter
-                layer.mlp.shared_expert_gate.weight.zero_()  # no shared expert: what an export writes
+                if not shared:
+                    layer.mlp.shared_expert_gate.weight.zero_()  # no shared expert: what an export writes
     model.save_pretrained(path)
     return str(path)
 
@@ -98,6 +99,21 @@ def test_qwen2_moe_in_and_out_loads_in_stock_transformers(tmp_path):
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     shared = model.model.layers[3].mlp.shared_expert
     assert shared.down_proj.weight.numel() == 0  # the absent shared expert adds exactly zero
+
+
+@pytest.mark.multiprocess
+def test_qwen2_moe_with_a_shared_expert_maps_to_megatron_cores_gated_shared_expert(tmp_path):
+    hf = qwen2_moe(tmp_path / "hf", shared=48)
+    ckpt = hf_to_mcore(hf, str(tmp_path / "ckpt"), quiet=True)
+    recipe = os.path.join(ckpt, "iter_0000000", "run_config.yaml")
+    run_medmoe(["train", recipe, "parallel.tensor=2", f"checkpoint.load={ckpt}", "checkpoint.finetune=true",
+                f"checkpoint.save={tmp_path / 'tp2'}", "training.train_steps=0", f"logging.output_dir={tmp_path / 'out'}"])
+    out = mcore_to_hf(str(tmp_path / "tp2"), str(tmp_path / "back"), "qwen2_moe", quiet=True)
+    assert_same_tensors(hf, out)  # the shared expert split over TP 2 and gathered back
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["shared_expert_intermediate_size"] == 48
+    verify(out, tmp_path / "tp2")
+    with pytest.raises(ConvertError, match="shared expert, which the released ApolloMoE layout cannot hold"):
+        mcore_to_hf(ckpt, str(tmp_path / "apollo"), "apollo_moe", quiet=True)
 
 
 def test_apollo_moe_format_in_and_out(tmp_path):
@@ -213,7 +229,6 @@ def test_bad_sources_are_refused_and_leave_nothing(tmp_path, change, message):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"shared_expert_intermediate_size": 32}, "shared_expert_intermediate_size=32 cannot be converted"),
     ({"norm_topk_prob": True}, "norm_topk_prob=True cannot be converted"),
     ({"mlp_only_layers": [0, 3]}, "mlp_only_layers=[0, 3] cannot be converted"),
 ])

@@ -37,6 +37,9 @@ class MoEConfig:
     routing: Literal["hybrid", "topk", "hard"] = "hybrid"
     topk: int = 2  # experts per token (k)
     expert_ffn_hidden_size: Optional[int] = None  # null: model.ffn_hidden_size (experts copy the dense MLP)
+    # a Qwen2-MoE-style shared expert of this SwiGLU size in every MoE layer, scaled by sigmoid(w.x);
+    # null = none (Post-MoE family models have none; set by conversions of Qwen2-MoE models that have one)
+    shared_expert_ffn_hidden_size: Optional[int] = None
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
     grouped_gemm: bool = False  # TransformerEngine grouped GEMM for experts (GPU)
     aux_loss_coeff: float = 0.0  # switch-style load-balancing loss; 0 in the released recipe

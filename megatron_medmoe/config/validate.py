@@ -96,6 +96,10 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
          f"parallel.tensor ({tp}) must divide model.num_query_groups ({m.num_query_groups}, the key/value heads)")
     need(m.ffn_hidden_size % tp == 0,
          f"parallel.tensor ({tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+    if moe.shared_expert_ffn_hidden_size is not None:
+        need(moe.shared_expert_ffn_hidden_size > 0 and moe.shared_expert_ffn_hidden_size % tp == 0,
+             f"moe.shared_expert_ffn_hidden_size ({moe.shared_expert_ffn_hidden_size}) must be positive and divisible "
+             f"by parallel.tensor ({tp}); null for no shared expert")
     if moe.moe_last_n > 0:
         need(moe.expert_ffn_hidden_size % etp == 0,
              f"parallel.expert_tensor ({etp}) must divide moe.expert_ffn_hidden_size ({moe.expert_ffn_hidden_size})")

@@ -1,7 +1,7 @@
 """Hugging Face config.json <-> our model and MoE settings, for Qwen2, Qwen2-MoE and ApolloMoE.
 
-What our Post-MoE model cannot express is refused by field name rather than converted into something
-else: a shared expert, renormalised top-k, MoE layers that are not the last ones, sliding-window
+What our model cannot express is refused by field name rather than converted into something else:
+renormalised top-k, MoE layers that are not the last ones, sliding-window
 attention, rotary scaling, another activation.
 """
 from __future__ import annotations
@@ -89,13 +89,13 @@ def parse_config(cfg: Dict[str, Any], directory: str) -> HFModel:
     dense = sorted(cfg.get("mlp_only_layers") or [])
     refuse_unless(dense == list(range(len(dense))), "mlp_only_layers",
                   "Post-MoE keeps the first layers dense and makes the last ones MoE")
-    if model_type == QWEN2_MOE:
-        refuse_unless(not cfg.get("shared_expert_intermediate_size"), "shared_expert_intermediate_size",
-                      "Post-MoE layers have no shared expert (an exported model has size 0)")
-    else:
-        refuse_unless(not cfg.get("share_flag", False), "share_flag", "Post-MoE layers have no shared expert")
+    if model_type == APOLLO_MOE:
+        refuse_unless(not cfg.get("share_flag", False), "share_flag",
+                      "the released ApolloMoE layout has no shared expert; its tensors are not defined")
     out.moe = {"moe_last_n": layers - len(dense), "topk": need("num_experts_per_tok"),
                "expert_ffn_hidden_size": cfg.get("moe_intermediate_size") or model["ffn_hidden_size"]}
+    if model_type == QWEN2_MOE and cfg.get("shared_expert_intermediate_size"):  # megatron-core's gated shared expert
+        out.moe["shared_expert_ffn_hidden_size"] = cfg["shared_expert_intermediate_size"]
     if model_type == APOLLO_MOE:
         out.moe["routing"] = "hybrid" if cfg.get("language_gate", True) else "topk"
     out.num_experts = experts
@@ -122,7 +122,7 @@ def hf_config(cfg, num_experts: int, model_type: str, dtype: str, bos: Optional[
     out.update({
         "architectures": ["Qwen2MoeForCausalLM"], "model_type": QWEN2_MOE, "num_experts": num_experts,
         "num_experts_per_tok": moe.topk, "moe_intermediate_size": moe.expert_ffn_hidden_size or m.ffn_hidden_size,
-        "shared_expert_intermediate_size": 0, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size or 0, "norm_topk_prob": False, "decoder_sparse_step": 1,
         "mlp_only_layers": list(range(dense_layers)), "qkv_bias": True, "output_router_logits": False,
         "router_aux_loss_coef": moe.aux_loss_coeff,
     })

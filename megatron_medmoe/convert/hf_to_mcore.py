@@ -70,7 +70,7 @@ def arch_of(cfg: RunConfig) -> Arch:
                 num_groups=m.num_query_groups, vocab_size=m.vocab_size,
                 padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
                 moe_layers=tuple(range(m.num_layers - cfg.moe.moe_last_n, m.num_layers)), num_experts=experts,
-                tied=m.tie_embeddings)
+                tied=m.tie_embeddings, shared_ffn=(cfg.moe.shared_expert_ffn_hidden_size or 0) if experts else 0)
 
 
 def _sources(hf: HFTensors, cfg: RunConfig, arch: Arch, upcycled: bool, seed: int) -> Dict[str, LazyTensor]:

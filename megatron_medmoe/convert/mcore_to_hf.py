@@ -83,6 +83,9 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
                            "use qwen2_moe or apollo_moe")
     if model_type != QWEN2 and not arch.moe_layers:
         raise ConvertError(f"{path} is a dense model (moe.moe_last_n 0): use --format qwen2")
+    if model_type == APOLLO_MOE and arch.shared_ffn:
+        raise ConvertError(f"{path} has a shared expert, which the released ApolloMoE layout cannot hold: use "
+                           "--format qwen2_moe")
     reader = CheckpointTensors(path)
     table = entries(arch)
     missing = [e.mcore for e in table if e.mcore not in reader]
@@ -98,7 +101,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
     plan = []
     for entry in table:
         plan += [(name, shapes[name], out_dtype) for name in entry.hf]
-        if model_type == QWEN2_MOE and entry.mcore.endswith("experts.linear_fc2.weight"):
+        if model_type == QWEN2_MOE and not arch.shared_ffn and entry.mcore.endswith("experts.linear_fc2.weight"):
             plan += [(name, tuple(t.shape), out_dtype) for name, t in _absent_shared_expert(entry.hf[0], arch.hidden_size)]
 
     partial = f"{out_dir.rstrip('/')}.partial-{os.getpid()}"
@@ -110,7 +113,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
             for entry in table:
                 for name, tensor in zip(entry.hf, to_hf(entry, reader[entry.mcore], arch)):
                     writer.write(name, tensor.to(out_dtype))
-                if model_type == QWEN2_MOE and entry.mcore.endswith("experts.linear_fc2.weight"):
+                if model_type == QWEN2_MOE and not arch.shared_ffn and entry.mcore.endswith("experts.linear_fc2.weight"):
                     for name, tensor in _absent_shared_expert(entry.hf[0], arch.hidden_size):
                         writer.write(name, tensor.to(out_dtype))
                 progress.advance(entry.mcore)

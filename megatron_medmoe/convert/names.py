@@ -27,7 +27,7 @@ class Rule:
     mcore: str
     hf: Tuple[str, ...]
     kind: str  # copy | vocab | qkv | gate_up | experts | experts_gate_up
-    layers: str  # global | all | dense | moe
+    layers: str  # global | all | dense | moe | shared (MoE layers of a model with a shared expert)
     only_untied: bool = False
 
 
@@ -52,6 +52,13 @@ RULES: Tuple[Rule, ...] = (
          "experts_gate_up", "moe"),
     Rule("decoder.layers.{i}.mlp.experts.experts.linear_fc2.weight", ("model.layers.{i}.mlp.experts.{e}.down_proj.weight",),
          "experts", "moe"),
+    Rule("decoder.layers.{i}.mlp.shared_experts.linear_fc1.weight",
+         ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight"),
+         "gate_up", "shared"),
+    Rule("decoder.layers.{i}.mlp.shared_experts.linear_fc2.weight", ("model.layers.{i}.mlp.shared_expert.down_proj.weight",),
+         "copy", "shared"),
+    Rule("decoder.layers.{i}.mlp.shared_experts.gate_weight", ("model.layers.{i}.mlp.shared_expert_gate.weight",),
+         "copy", "shared"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", "global"),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab", "global", only_untied=True),
 )
@@ -69,6 +76,7 @@ class Arch:
     moe_layers: Tuple[int, ...]  # 0-based
     num_experts: int
     tied: bool
+    shared_ffn: int = 0  # the shared expert's size; 0: none
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +102,8 @@ def entries(arch: Arch) -> List[Entry]:
         for i in range(arch.num_layers):
             moe = i in arch.moe_layers
             if (rule.layers == "dense" and moe) or (rule.layers == "moe" and not moe):
+                continue
+            if rule.layers == "shared" and not (moe and arch.shared_ffn):
                 continue
             names = tuple(n.replace("{i}", str(i)) for n in rule.hf)
             if "{e}" in rule.hf[0]:
@@ -163,6 +173,10 @@ def hf_shapes(arch: Arch, ffn: int, expert_ffn: int) -> Dict[str, Tuple[int, ...
         for name in entry.hf:
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
                 out[name] = (arch.vocab_size, h)
+            elif ".shared_expert." in name:
+                out[name] = (h, arch.shared_ffn) if name.endswith("down_proj.weight") else (arch.shared_ffn, h)
+            elif name.endswith("shared_expert_gate.weight"):
+                out[name] = (1, h)
             elif ".experts." in name:
                 out[name] = (h, expert_ffn) if name.endswith("down_proj.weight") else (expert_ffn, h)
             elif name.endswith(("gate_proj.weight", "up_proj.weight")):

@@ -77,5 +77,7 @@ def build_transformer_config(cfg: RunConfig, use_cpu_initialization: bool) -> Tr
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff if moe.z_loss_coeff > 0 else None,
+            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+            moe_shared_expert_gate=moe.shared_expert_ffn_hidden_size is not None,
         )
     return TransformerConfig(**kwargs)

@@ -28,6 +28,8 @@ def flops_per_token(cfg: RunConfig, num_experts: int) -> float:
     scores_and_values = 2 * seq * attn_width  # multiply-adds per token
     dense_mlp = 3 * h * m.ffn_hidden_size
     moe_mlp = h * num_experts + moe.topk * 3 * h * (moe.expert_ffn_hidden_size or m.ffn_hidden_size)
+    if moe.shared_expert_ffn_hidden_size:  # every token also passes the shared expert and its gate
+        moe_mlp += 3 * h * moe.shared_expert_ffn_hidden_size + h
     layers_dense = m.num_layers - moe.moe_last_n
     per_token_macs = (m.num_layers * (qkv_and_proj + scores_and_values) + layers_dense * dense_mlp
                       + moe.moe_last_n * moe_mlp + h * padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by))
