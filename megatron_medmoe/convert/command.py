@@ -8,7 +8,7 @@ from ..runtime.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INPUT, EXIT_OK
 from .errors import ConvertError
 
 
-def _report(agreement, quiet: bool) -> int:
+def _report(agreement) -> int:
     print(f"verify: {agreement.describe()}", flush=True)
     return EXIT_OK if agreement.passed else EXIT_FAILURE
 
@@ -29,7 +29,7 @@ def convert_command(args) -> int:
                 from .verify import verify, verify_upcycled
 
                 check = verify_upcycled if args.upcycle_last_n else verify
-                return _report(check(args.hf, out), args.quiet)
+                return _report(check(args.hf, out))
         elif args.convert == "mcore-to-hf":
             from .mcore_to_hf import mcore_to_hf
 
@@ -39,12 +39,12 @@ def convert_command(args) -> int:
             if args.verify:
                 from .verify import verify
 
-                return _report(verify(out, args.ckpt), args.quiet)
+                return _report(verify(out, args.ckpt))
         else:
             from .verify import verify, verify_upcycled
 
             check = verify_upcycled if args.upcycled else verify
-            return _report(check(args.hf, args.ckpt, args.batch_size, args.seq_length), args.quiet)
+            return _report(check(args.hf, args.ckpt, args.batch_size, args.seq_length))
     except (ConvertError, LanguageTableError) as e:
         print(f"medmoe convert: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -93,5 +93,4 @@ def add_convert_parser(commands) -> None:
                           "(p_a + p_b) x the dense MLP")
     ver.add_argument("--batch-size", type=int, default=2)
     ver.add_argument("--seq-length", type=int, default=64)
-    ver.set_defaults(quiet=False)
     conv.set_defaults(func=convert_command)

@@ -93,8 +93,3 @@ class CheckpointTensors:
             raise ConvertError(f"cannot read {key} from {self.path}: {type(e).__name__}: {e}") from e
         return out[key]
 
-
-def model_keys_present(path: str) -> set:
-    """Every key (tensors and objects) a torch_dist checkpoint holds, objects without their shard suffix."""
-    metadata = FileSystemReader(path).read_metadata()
-    return {key.split("/shard_")[0] for key in metadata.state_dict_metadata}

@@ -29,11 +29,16 @@ from .progress import Progress
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def checkpoint_config(path: str):
+def open_checkpoint(ckpt: str):
+    """(checkpoint directory, its run config): a checkpoint or a save directory's latest."""
+    try:
+        path = find_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from e
     run_config = os.path.join(path, "run_config.yaml")
     if not os.path.isfile(run_config):
         raise ConvertError(f"{path} has no run_config.yaml: cannot tell the model's shape")
-    return load_config(run_config)
+    return path, load_config(run_config)
 
 
 def find_tokenizer(ckpt: str, cfg, explicit: Optional[str]) -> Optional[str]:
@@ -72,11 +77,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
     model_type = FORMATS[fmt]
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConvertError(f"{out_dir} already exists and is not empty: choose a new directory")
-    try:
-        path = find_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from e
-    cfg = checkpoint_config(path)
+    path, cfg = open_checkpoint(ckpt)
     arch = arch_of(cfg)
     if model_type == QWEN2 and arch.moe_layers:
         raise ConvertError(f"{path} has {len(arch.moe_layers)} MoE layers: --format qwen2 is for dense models; "

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..training.checkpoint_paths import CheckpointError, find_checkpoint
+from ..training.checkpoint_paths import CheckpointError
 from .errors import ConvertError
 from .hf_config import APOLLO_MOE, read_config
 
@@ -85,13 +85,9 @@ def our_model(ckpt: str):
     from ..languages import load_registry
     from ..model.gpt import build_model_chunks
     from ..training.checkpoint import load_checkpoint
-    from .mcore_to_hf import checkpoint_config
+    from .mcore_to_hf import open_checkpoint
 
-    try:
-        path = find_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from e
-    cfg = checkpoint_config(path)
+    path, cfg = open_checkpoint(ckpt)
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None, expert=1,
                                        expert_tensor=None, data=1, sequence_parallel=None)
     cfg.moe = dataclasses.replace(cfg.moe, expert_slots=None, expert_placement=None)
@@ -137,13 +133,9 @@ def verify_upcycled(hf_dir: str, ckpt: str, batch_size: int = 2, seq_length: int
     layer gives (p_a + p_b) x the dense MLP for the top-k experts a, b of its router (weights not
     renormalised). transformers' dense model runs with each of those layers' MLP output scaled so."""
     from .mcore_io import CheckpointTensors
-    from .mcore_to_hf import checkpoint_config
+    from .mcore_to_hf import open_checkpoint
 
-    try:
-        path = find_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from e
-    cfg = checkpoint_config(path)
+    path, cfg = open_checkpoint(ckpt)
     tensors = CheckpointTensors(path)
     first_moe = cfg.model.num_layers - cfg.moe.moe_last_n
     routers = {i: tensors[f"decoder.layers.{i}.mlp.router.weight"].double() for i in range(first_moe, cfg.model.num_layers)}
