@@ -66,6 +66,17 @@ def train_stage(stage: str, *args: str) -> List[str]:
     return ["train", TINY, "--stage", stage, *args]
 
 
+def one_process_reference(root: Path, stage: str, *args: str) -> List[float]:
+    """Save the initial weights of a stage of the tiny recipe (ROOT/init/STAGE), then train them in one process
+    (ROOT/ref): the losses every layout must reproduce when it loads the same weights."""
+    init = root / "init"
+    run_medmoe(train_stage(stage, *args, "checkpoint.load=null", "training.train_steps=0", f"checkpoint.save={init}",
+                           f"logging.output_dir={init}"))
+    run_medmoe(train_stage(stage, *args, f"checkpoint.load={init}/{stage}", "checkpoint.finetune=true",
+                           "checkpoint.save=null", f"logging.output_dir={root / 'ref'}"))
+    return [r["loss"] for r in read_metrics(root / "ref", stage)]
+
+
 def tiny_config(stage: str, overrides=(), world_size=None):
     """The resolved config of one stage of the tiny recipe (paths relative to the repository)."""
     from megatron_medmoe.config import load_stages, resolve_config

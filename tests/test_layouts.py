@@ -3,7 +3,7 @@ of several training steps is equal in fp32, within 1e-6 relative, for TP, EP (bo
 PP, interleaved PP, combined 4-process layouts, and other expert slot counts and placements. Every run is `medmoe train` in real processes."""
 import pytest
 
-from conftest import read_metrics, run_medmoe, train_stage
+from conftest import one_process_reference, read_metrics, run_medmoe, train_stage
 
 STEPS = 4
 COMMON = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.log_interval=1",
@@ -26,12 +26,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    init = root / "init"
-    run_medmoe(train_stage("cpt", *COMMON, "training.train_steps=0", f"checkpoint.save={init}",
-                           f"logging.output_dir={init}"))
-    run_medmoe(train_stage("cpt", *COMMON, f"checkpoint.load={init}/cpt", "checkpoint.finetune=true",
-                           "checkpoint.save=null", f"logging.output_dir={root / 'ref'}"))
-    return root, [r["loss"] for r in read_metrics(root / "ref", "cpt")]
+    return root, one_process_reference(root, "cpt", *COMMON)
 
 
 @pytest.mark.multiprocess

@@ -2,7 +2,7 @@
 every layout from the same initial weights; DALI and the default loader feed the same rows."""
 import pytest
 
-from conftest import read_metrics, run_medmoe, train_stage
+from conftest import one_process_reference, read_metrics, run_medmoe, train_stage
 
 STEPS = 4
 COMMON = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.log_interval=1",
@@ -18,12 +18,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    init = root / "init"
-    run_medmoe(train_stage("sft", *COMMON, "checkpoint.load=null", "training.train_steps=0",
-                           f"checkpoint.save={init}", f"logging.output_dir={init}"))
-    run_medmoe(train_stage("sft", *COMMON, f"checkpoint.load={init}/sft", "checkpoint.finetune=true",
-                           "checkpoint.save=null", f"logging.output_dir={root / 'ref'}"))
-    return root, [r["loss"] for r in read_metrics(root / "ref", "sft")]
+    return root, one_process_reference(root, "sft", *COMMON)
 
 
 @pytest.mark.multiprocess
