@@ -57,3 +57,46 @@ def test_redirect_works(outcomes, name):
 
 def test_every_redirect_has_a_probe(outcomes):
     assert set(NAMES) <= set(outcomes["all"])
+
+
+IMPORT_PROBE = """
+import sys, json, torch
+from megatron_medmoe.runtime.cpu_compat import import_megatron_core_deferring_compile
+if sys.argv[1] == "deferred":
+    import_megatron_core_deferring_compile()
+import megatron.core.jit as jit
+from megatron.core.fusions import fused_bias_swiglu
+a, b = torch.randn(3, 4), torch.randn(3, 4)
+print(json.dumps({"inductor_loaded": "torch._inductor.compile_fx" in sys.modules,
+                  "jit_fuser_is_compile": jit.jit_fuser is torch.compile,
+                  "deferred": getattr(fused_bias_swiglu.swiglu, "deferred_compile", False),
+                  "compile_restored": torch.compile.__module__ == "torch"}))
+"""
+
+
+def test_deferring_megatron_cores_import_time_compile_still_pays_off():
+    """megatron-core still decorates its fusions with torch.compile at import (which loads TorchInductor); with
+    the deferral it does not, the functions are the deferred wrappers, and torch.compile is restored after."""
+    seen = {}
+    for mode in ("plain", "deferred"):
+        proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, mode], cwd=REPO, env=cpu_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["plain"]["jit_fuser_is_compile"] and seen["plain"]["inductor_loaded"], seen["plain"]
+    assert not seen["plain"]["deferred"]
+    assert not seen["deferred"]["inductor_loaded"] and seen["deferred"]["deferred"], seen["deferred"]
+    assert seen["deferred"]["compile_restored"]
+
+
+def test_a_deferred_function_compiles_on_its_first_call_and_computes_the_same():
+    calls = []
+
+    def fake_compile(fn, **options):
+        calls.append(options)
+        return lambda *a: fn(*a)
+
+    wrapped = cpu_compat._deferred_compile(fake_compile)(backend="eager")(lambda x: x + 1)
+    assert calls == []  # decorating compiles nothing
+    assert wrapped(1) == 2 and wrapped(2) == 3
+    assert calls == [{"backend": "eager"}]  # compiled once, on the first call

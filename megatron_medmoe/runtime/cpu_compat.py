@@ -233,3 +233,45 @@ def apply_if_cpu() -> bool:
             redirect.apply()
         _applied = True
     return True
+
+
+def import_megatron_core_deferring_compile() -> None:
+    """Import megatron-core with its import-time `torch.compile` calls deferred to the first call.
+
+    Not a redirect (nothing changes what runs): megatron/core/jit.py makes `jit_fuser = torch.compile`, and
+    decorating its ~40 fused functions at import loads TorchInductor, about 2 s of every CPU process's start,
+    although with bias/activation fusion off none of them runs on CPU. Here each decorated function compiles
+    on its first call instead, exactly as `torch.compile` would have compiled it then. GPU processes import
+    megatron-core unchanged."""
+    import sys
+
+    if gpu_present() or "megatron.core" in sys.modules:
+        return
+    real_compile = torch.compile
+    torch.compile = _deferred_compile(real_compile)
+    try:
+        import megatron.core  # noqa: F401
+        import megatron.core.models.gpt  # noqa: F401
+    finally:
+        torch.compile = real_compile
+
+
+def _deferred_compile(real_compile):
+    """A `torch.compile` stand-in whose decorated functions call `real_compile` on their first call."""
+    import functools
+
+    def deferred(model=None, **options):
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: deferred(fn, **options)
+        compiled = []
+
+        @functools.wraps(model)
+        def first_call_compiles(*args, **kwargs):
+            if not compiled:
+                compiled.append(real_compile(model, **options))
+            return compiled[0](*args, **kwargs)
+
+        first_call_compiles.deferred_compile = True
+        return first_call_compiles
+
+    return deferred

@@ -57,7 +57,7 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
 
 
 def _complete(stage: Stage) -> bool:
-    from .checkpoint import CheckpointError, latest_iteration
+    from .checkpoint_paths import CheckpointError, latest_iteration
 
     save = stage.config.checkpoint.save
     try:
@@ -100,10 +100,12 @@ def run_train(config_path: str, overrides: Sequence[str], only: Optional[str] = 
 
 def _train_here(stage: Stage, env: DistEnv) -> int:
     from ..data.dataset import DatasetError
+    from ..runtime.cpu_compat import import_megatron_core_deferring_compile
     from ..runtime.quiet import silence_known_noise
-    from .checkpoint import CheckpointError
 
     silence_known_noise()
+    import_megatron_core_deferring_compile()
+    from .checkpoint import CheckpointError
     from .loop import train  # heavy imports (megatron-core) only in ranks
 
     try:

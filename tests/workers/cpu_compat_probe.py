@@ -44,6 +44,8 @@ def init_single_rank():
 def apply_redirects(skip):
     from megatron_medmoe.runtime import cpu_compat
 
+    cpu_compat.import_megatron_core_deferring_compile()
+
     for redirect in cpu_compat.REDIRECTS:
         if redirect.name != skip:
             redirect.apply()
