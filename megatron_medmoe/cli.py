@@ -19,7 +19,7 @@ def _split_overrides(parser: argparse.ArgumentParser, args, extras: List[str]) -
     if not extras:
         return
     stray = [x for x in extras if "=" not in x or x.startswith("-")]
-    if args.command != "train" or stray:
+    if args.command not in ("train", "submit") or stray:
         parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
     args.overrides = [*args.overrides, *extras]
 
@@ -32,6 +32,52 @@ def _preprocess(args) -> int:
         workers=args.workers, lang=args.lang, lang_field=args.lang_field, source_field=args.source_field,
         text_field=args.text_field, language_table=args.language_table, on_error=args.on_error,
         template=args.chat_template, chunk_bytes=args.chunk_bytes), quiet=args.quiet)
+
+
+def _submit(args) -> int:
+    from .launch.submit import SubmitOptions, submit_command
+
+    return submit_command(SubmitOptions(
+        recipe=args.config, overrides=args.overrides, stages=args.stage, nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+        time=args.time, partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+        mail_user=args.mail_user, mail_type=args.mail_type, container_image=args.container_image,
+        container_mounts=args.container_mounts, max_requeues=args.max_requeues, signal_seconds=args.signal_seconds,
+        folder=args.folder, executor=args.executor, dry_run=args.dry_run))
+
+
+def _add_submit_parser(commands) -> None:
+    sub = commands.add_parser(
+        "submit", help="submit a recipe's stages as chained Slurm jobs (submitit)",
+        description="Submit a recipe to Slurm through submitit: one job per stage, each starting after the previous "
+                    "one succeeded (afterok), one task per GPU. Jobs get SIGUSR1 before their time limit; ranks "
+                    "save, stop, and the job requeues itself and resumes exactly (also on preemption). Everything "
+                    "is checked before anything is submitted. --executor local runs the stages as local processes.")
+    sub.add_argument("config", help="YAML recipe")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="override a field of every stage")
+    sub.add_argument("--stage", action="append", metavar="NAME", help="submit only this stage (repeatable)")
+    sub.add_argument("--nodes", type=int, default=1, help="nodes per job (default 1)")
+    sub.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8; 0 on CPU nodes)")
+    sub.add_argument("--tasks-per-node", type=int, help="ranks per node (default: one per GPU, 1 without GPUs)")
+    sub.add_argument("--cpus-per-task", type=int, help="CPU cores per rank")
+    sub.add_argument("--time", default="04:00:00", help="time limit per job: minutes or [D-]HH:MM:SS (default 4 h)")
+    sub.add_argument("--partition", help="Slurm partition (required where the cluster has no default)")
+    sub.add_argument("--account", help="Slurm account (required where the cluster enforces accounts)")
+    sub.add_argument("--qos", help="Slurm quality of service")
+    sub.add_argument("--constraint", help="Slurm node features, e.g. h100")
+    sub.add_argument("--mail-user", help="e-mail address for job notices")
+    sub.add_argument("--mail-type", help="e.g. END,FAIL")
+    sub.add_argument("--container-image", metavar="IMAGE",
+                     help="pyxis/enroot image (registry reference or .sqsh file), or an Apptainer .sif")
+    sub.add_argument("--container-mounts", metavar="SRC:DST[,...]", help="mounts into the container")
+    sub.add_argument("--max-requeues", type=int, default=10, help="how often a job may requeue itself (default 10)")
+    sub.add_argument("--signal-seconds", type=int, default=300,
+                     help="SIGUSR1 this many seconds before the time limit (default 300)")
+    sub.add_argument("--folder", help="logs and submitit files (default runs/slurm/RECIPE_NAME)")
+    sub.add_argument("--executor", choices=["slurm", "local"], default="slurm",
+                     help="slurm (default) or local processes on this machine (one job running the stages in order)")
+    sub.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
+    sub.set_defaults(func=_submit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress line and no table")
     pre.set_defaults(func=_preprocess)
 
+    _add_submit_parser(commands)
     from .convert.command import add_convert_parser
 
     add_convert_parser(commands)

@@ -32,7 +32,10 @@ def announce(stage: Stage) -> None:
     print(f"{title}resolved config (saved to {path}):\n{text}", flush=True)
 
 
-def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv], only: Optional[str]) -> List[Stage]:
+def resolve_stages(config_path: str, overrides: Sequence[str], world_size: Optional[int], only: Optional[str],
+                   check_files: bool = True) -> List[Stage]:
+    """The recipe's stages (or only one), each resolved for `world_size` ranks (None: the layout's own), with
+    later stages starting from the previous stage's final weights. Raises ConfigError."""
     stages = load_stages(config_path, overrides)
     if only is not None:
         names = [s.name for s in stages]
@@ -44,16 +47,23 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
         if stage.previous and not stage.weights_from:
             raise ConfigError([f"stage {stage.name!r} starts from stage {stage.previous!r}'s final weights, which "
                                "needs checkpoint.save (or give the stage its own checkpoint.load)"], config_path)
-        cfg = resolve_config(stage.config, world_size=env.world_size if env else None)
+        cfg = resolve_config(stage.config, world_size=world_size, check_files=check_files)
+        if stage.weights_from:
+            cfg.checkpoint.load, cfg.checkpoint.finetune = stage.weights_from, True
+        resolved.append(Stage(stage.name, cfg, stage.previous, stage.weights_from))
+    return resolved
+
+
+def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv], only: Optional[str]) -> List[Stage]:
+    stages = resolve_stages(config_path, overrides, env.world_size if env else None, only)
+    for stage in stages:  # what this machine can run
+        cfg = stage.config
         if use_transformer_engine(cfg.model.transformer_impl) and cfg.data.attention == "per_document":
             raise BackendError("data.attention=per_document is not supported with TransformerEngine layers yet: "
                                "use model.transformer_impl=local, or data.attention=shared")
         if cfg.training.precision == "bf16" and not torch.cuda.is_available():
             raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
-        if stage.weights_from:
-            cfg.checkpoint.load, cfg.checkpoint.finetune = stage.weights_from, True
-        resolved.append(Stage(stage.name, cfg, stage.previous, stage.weights_from))
-    return resolved
+    return stages
 
 
 def _complete(stage: Stage) -> bool:
