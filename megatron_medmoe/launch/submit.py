@@ -176,7 +176,12 @@ def submit(opts: SubmitOptions, stages: List[str]) -> None:
         executor = submitit.LocalExecutor(folder=folder / "%j")
         executor.update_parameters(timeout_min=minutes(opts.time))
         job = executor.submit(TrainTask(recipe, os.getcwd(), stages, opts.overrides, opts.max_requeues))
-        print(f"stages {', '.join(stages)}: local job {job.job_id}, log {job.paths.stdout}", flush=True)
+        try:
+            (folder / "%j").rmdir()  # submitit's local executor also makes the pattern itself, empty
+        except OSError:
+            pass
+        print(f"stages {', '.join(stages)}: local job {job.job_id} (pid), log {job.paths.stdout}, result "
+              f"{job.paths.result_pickle}", flush=True)
         return
     previous = None
     for stage in stages:
