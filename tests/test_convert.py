@@ -145,10 +145,8 @@ def test_upcycled_model_at_step_zero_is_the_dense_model_as_the_spec_predicts(tmp
     assert router.std().item() == pytest.approx(0.02, rel=0.2)
 
 
-LAYOUTS = {
-    "tp2": ["parallel.tensor=2"],
+LAYOUTS = {  # TP x EP splits attention, MLPs and experts at once (TP alone and EP alone add no other cut)
     "pp2": ["parallel.pipeline=2"],
-    "ep2": ["parallel.expert=2", "moe.expert_slots=8"],
     "tp2xep2": ["parallel.tensor=2", "parallel.expert=2", "moe.expert_slots=8"],  # 4 processes
 }
 

@@ -258,4 +258,40 @@ def test_submit_with_the_local_executor_runs_the_stages_in_order(tmp_path):
     log = Path(re.search(r"log (\S+),", proc.stdout).group(1)).read_text()
     assert "Job completed successfully" in log, log[-3000:]
     assert f"initialized the model weights from {tmp_path / 'ck' / 'cpt'} (saved at step 2)" in log
-    assert [p.name for p in sorted((tmp_path / "logs").iterdir())] == [result.parent.name]
+    assert result.parent == tmp_path / "logs"
+
+
+def test_pipeline_script_chains_stages_and_the_conversion_job_exports_the_result(cluster, tmp_path):
+    ck = tmp_path / "ck"
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), TINY, "cpt", "sft", "--", "--nodes=2",
+                           "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+                           f"--output={tmp_path}/%x-%j.out", "---", "training.train_steps=2", f"checkpoint.save={ck}",
+                           f"logging.output_dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=cluster, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = dict(line.split() for line in proc.stdout.splitlines())
+    assert list(jobs) == ["cpt", "sft"]
+    assert job_field(cluster, jobs["sft"], "Dependency").startswith(f"afterok:{jobs['cpt']}")
+    assert wait_until_done(cluster, jobs["cpt"]) == "COMPLETED"
+    assert wait_until_done(cluster, jobs["sft"]) == "COMPLETED"
+    sft_log = (tmp_path / f"medmoe-tiny-sft-{jobs['sft']}.out").read_text()
+    assert f"initialized the model weights from {ck / 'cpt'} (saved at step 2)" in sft_log, sft_log[-2000:]
+
+    job = slurm(cluster, "sbatch", "--parsable", "--cpus-per-task=1", "--mem=1000", f"--output={tmp_path}/%x-%j.out",
+                str(REPO / "slurm" / "convert.sbatch"), "mcore-to-hf", "--ckpt", str(ck / "sft"), "--out",
+                str(tmp_path / "hf"), "--format", "qwen2_moe").strip()
+    assert wait_until_done(cluster, job) == "COMPLETED", (tmp_path / f"medmoe-convert-{job}.out").read_text()
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_sbatch_template_with_one_torchrun_per_node(cluster, tmp_path):
+    env = dict(cluster, LAUNCH="torchrun")
+    job = slurm(env, "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/%x-%j.out", f"--chdir={REPO}",
+                str(REPO / "slurm" / "train.sbatch"), TINY, "--stage", "cpt", "training.train_steps=2",
+                "checkpoint.save=null", f"logging.output_dir={tmp_path / 'run'}").strip()
+    state = wait_until_done(cluster, job)
+    log = (tmp_path / f"medmoe-train-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "launch torchrun" in log and "on 2 ranks" in log
+    assert read_metrics(tmp_path / "run", "cpt")[-1]["step"] == 2

@@ -173,13 +173,9 @@ def submit(opts: SubmitOptions, stages: List[str]) -> None:
     folder = folder_of(opts)
     recipe = os.path.abspath(opts.recipe)
     if opts.executor == "local":
-        executor = submitit.LocalExecutor(folder=folder / "%j")
+        executor = submitit.LocalExecutor(folder=folder)  # files named by the job's pid
         executor.update_parameters(timeout_min=minutes(opts.time))
         job = executor.submit(TrainTask(recipe, os.getcwd(), stages, opts.overrides, opts.max_requeues))
-        try:
-            (folder / "%j").rmdir()  # submitit's local executor also makes the pattern itself, empty
-        except OSError:
-            pass
         print(f"stages {', '.join(stages)}: local job {job.job_id} (pid), log {job.paths.stdout}, result "
               f"{job.paths.result_pickle}", flush=True)
         return

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 
 class BackendError(RuntimeError):
     """The requested layer implementation cannot run on this machine."""
@@ -15,6 +13,8 @@ class BackendError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def transformer_engine_available() -> bool:
+    import torch
+
     if not torch.cuda.is_available():
         return False
     try:
@@ -28,6 +28,8 @@ def use_transformer_engine(impl: str) -> bool:
     """model.transformer_impl -> whether to build TransformerEngine layers (auto: when they import)."""
     if impl == "local":
         return False
+    import torch
+
     available = transformer_engine_available()
     if impl == "transformer_engine" and not available:
         reason = "no GPU is present" if not torch.cuda.is_available() else "import transformer_engine.pytorch failed"

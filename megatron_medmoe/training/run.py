@@ -11,8 +11,6 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-import torch
-
 from ..config import ConfigError, Stage, dump_config, load_stages, resolve_config, world_size_of
 from ..model.backend import BackendError, use_transformer_engine
 from ..runtime.env import DistEnv, LaunchEnvError, detect_launch_env
@@ -56,13 +54,18 @@ def resolve_stages(config_path: str, overrides: Sequence[str], world_size: Optio
 
 def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv], only: Optional[str]) -> List[Stage]:
     stages = resolve_stages(config_path, overrides, env.world_size if env else None, only)
-    for stage in stages:  # what this machine can run
+    for stage in stages:  # what this machine can run (torch only imported when a rule needs it: 2 s a process)
         cfg = stage.config
-        if use_transformer_engine(cfg.model.transformer_impl) and cfg.data.attention == "per_document":
-            raise BackendError("data.attention=per_document is not supported with TransformerEngine layers yet: "
-                               "use model.transformer_impl=local, or data.attention=shared")
-        if cfg.training.precision == "bf16" and not torch.cuda.is_available():
-            raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
+        impl = cfg.model.transformer_impl
+        if impl == "transformer_engine" or (impl != "local" and cfg.data.attention == "per_document"):
+            if use_transformer_engine(impl) and cfg.data.attention == "per_document":
+                raise BackendError("data.attention=per_document is not supported with TransformerEngine layers "
+                                   "yet: use model.transformer_impl=local, or data.attention=shared")
+        if cfg.training.precision == "bf16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
     return stages
 
 
