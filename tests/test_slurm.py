@@ -19,9 +19,13 @@ VENV_BIN = str(Path(sys.executable).parent)
 STEPS = 24  # long enough to be interrupted after step 3, short enough for CI
 
 
+def run_args(out: Path):
+    return [f"training.train_steps={STEPS}", "logging.log_interval=1", f"checkpoint.save={out / 'ck'}",
+            f"logging.output_dir={out / 'run'}"]
+
+
 def stage_args(out: Path):
-    return ["--stage", "cpt", f"training.train_steps={STEPS}", "logging.log_interval=1",
-            f"checkpoint.save={out / 'ck'}", f"logging.output_dir={out / 'run'}"]
+    return ["--stage", "cpt", *run_args(out)]
 
 
 def job_env(**extra):
@@ -66,9 +70,12 @@ def slurm(env, *args, check=True) -> str:
     return proc.stdout
 
 
+def job_fields(env, job: str) -> dict:
+    return dict(re.findall(r"\b(\w+)=(\S*)", slurm(env, "scontrol", "show", "job", job)))
+
+
 def job_field(env, job: str, name: str) -> str:
-    m = re.search(rf"\b{name}=(\S*)", slurm(env, "scontrol", "show", "job", job))
-    return m.group(1) if m else ""
+    return job_fields(env, job).get(name, "")
 
 
 def wait_for_step(metrics: Path, step: int, timeout=180):
@@ -90,7 +97,8 @@ def wait_until_done(env, job: str, timeout=300) -> str:
     3 s. (A requeued job starts again once its old credential expired: cluster_up.sh sets 10 s.)"""
     deadline, seen, final_since = time.monotonic() + timeout, [], None
     while time.monotonic() < deadline:
-        state, reason = job_field(env, job, "JobState"), job_field(env, job, "Reason")
+        fields = job_fields(env, job)
+        state, reason = fields.get("JobState", ""), fields.get("Reason", "")
         if not seen or seen[-1] != (state, reason):
             seen.append((state, reason))
         if state in FINAL:
@@ -128,7 +136,7 @@ def test_sbatch_template_on_two_nodes_is_preempted_requeued_and_ends_bitwise_as_
 def test_submit_chains_two_stages_and_requeues_a_preempted_stage(cluster, reference, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_medmoe", "submit", TINY, "--nodes", "2",
                            "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--folder",
-                           str(tmp_path / "logs"), *stage_args(tmp_path)[2:]],
+                           str(tmp_path / "logs"), *run_args(tmp_path)],
                           cwd=REPO, env=cluster, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = dict(re.findall(r"^stage (\w+): job (\d+)", proc.stdout, re.M))

@@ -88,20 +88,19 @@ def sbatch_parameters(opts: SubmitOptions, stage: Optional[str], dependency: Opt
     if dependency:
         extra.update(dependency=f"afterok:{dependency}", kill_on_invalid_dep="yes")
     params["additional_parameters"] = extra
-    srun = []
-    if opts.container_image:  # pyxis / enroot; an Apptainer .sif runs through `python` instead
-        if not opts.container_image.endswith(".sif"):
-            srun.append(f"--container-image={opts.container_image}")
-            if opts.container_mounts:
-                srun.append(f"--container-mounts={opts.container_mounts}")
-            srun.append(f"--container-workdir={os.getcwd()}")
-    if srun:
-        params["srun_args"] = srun
+    if opts.container_image and not _apptainer(opts):  # pyxis / enroot; Apptainer runs through python_command
+        mounts = [f"--container-mounts={opts.container_mounts}"] if opts.container_mounts else []
+        params["srun_args"] = [f"--container-image={opts.container_image}", *mounts,
+                               f"--container-workdir={os.getcwd()}"]
     return params
 
 
+def _apptainer(opts: SubmitOptions) -> bool:
+    return bool(opts.container_image) and opts.container_image.endswith(".sif")
+
+
 def python_command(opts: SubmitOptions) -> str:
-    if opts.container_image and opts.container_image.endswith(".sif"):
+    if _apptainer(opts):
         binds = f" --bind {shlex.quote(opts.container_mounts)}" if opts.container_mounts else ""
         return f"apptainer exec --nv{binds} {shlex.quote(opts.container_image)} python"
     if opts.container_image:

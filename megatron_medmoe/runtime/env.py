@@ -79,6 +79,8 @@ def mpi4py_env(port_override: Optional[int]) -> DistEnv:
     `mpirun` needs no MASTER_ADDR even across nodes."""
     import socket
 
+    from .launch import free_port
+
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -90,10 +92,7 @@ def mpi4py_env(port_override: Optional[int]) -> DistEnv:
     local_rank, single_node = node.Get_rank(), node.Get_size() == world
     rendezvous = None
     if rank == 0:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            port = port_override or s.getsockname()[1]
-        rendezvous = ("127.0.0.1" if single_node else socket.getfqdn(), port)
+        rendezvous = ("127.0.0.1" if single_node else socket.getfqdn(), port_override or free_port())
     addr, port = comm.bcast(rendezvous, root=0)
     return DistEnv("mpi", rank, world, local_rank, addr, port)
 
