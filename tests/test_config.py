@@ -148,7 +148,10 @@ def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model.transformer_impl=transformer_engine", "TransformerEngine cannot be used here (no GPU is present)"),
     ("training.precision=bf16", "training.precision=bf16 needs GPUs"),
+    ("fp8.format=hybrid training.precision=bf16", "fp8.format=hybrid needs TransformerEngine layers, which cannot be "
+                                                  "used here (no GPU is present); remove fp8.format"),
 ])
 def test_cli_refuses_gpu_only_options_on_cpu(tmp_path, override, message):
-    proc = run_medmoe(train_stage("cpt", override, f"logging.output_dir={tmp_path}"), check=False, timeout=120)
+    proc = run_medmoe(train_stage("cpt", *override.split(), f"logging.output_dir={tmp_path}"), check=False,
+                      timeout=120)
     assert proc.returncode == 2 and message in proc.stderr

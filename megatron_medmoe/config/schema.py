@@ -41,7 +41,9 @@ class MoEConfig:
     # null = none (Post-MoE family models have none; set by conversions of Qwen2-MoE models that have one)
     shared_expert_ffn_hidden_size: Optional[int] = None
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
-    grouped_gemm: bool = False  # TransformerEngine grouped GEMM for experts (GPU)
+    # TransformerEngine grouped GEMM for a rank's experts (one kernel instead of one GEMM per expert); null: on
+    # with TransformerEngine layers when every slot holds its own expert (no padding slot, no placement)
+    grouped_gemm: Optional[bool] = None
     aux_loss_coeff: float = 0.0  # switch-style load-balancing loss; 0 in the released recipe
     z_loss_coeff: float = 0.0  # router z-loss; 0 = off
     # expert slots over the expert-parallel ranks; null = the number of experts. parallel.expert must divide
@@ -150,6 +152,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class FP8Config:
+    # FP8 GEMMs in the TransformerEngine layers (GPUs with FP8 tensor cores: H100, H200, L40S, B200); null = off.
+    # e4m3 everywhere, or hybrid: e4m3 forward, e5m2 gradients. Needs training.precision=bf16
+    format: Optional[Literal["e4m3", "hybrid"]] = None
+    # scaling: delayed (amax history, megatron-core's default), tensorwise (current scaling), blockwise
+    # (1x128 activations, 128x128 weights; the one recommended for MoE on Hopper)
+    recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
+    amax_history_len: int = 1024  # delayed: amax values remembered per tensor
+    amax_compute_algo: Literal["max", "most_recent"] = "max"  # delayed: how the scale follows that history
+    margin: int = 0  # delayed: scale down by 2^margin for headroom
+    bf16_first_layers: int = 0  # keep the first N decoder layers in bf16 (not with recipe delayed)
+    bf16_last_layers: int = 0  # keep the last N decoder layers in bf16 (not with recipe delayed)
+    # pad each expert's token count to the FP8 GEMM alignment in the router's map (cheaper than padding in
+    # the experts); null: on with moe.token_dispatcher alltoall (allgather cannot)
+    pad_expert_tokens: Optional[bool] = None
+
+
+@dataclass
 class LensConfig:
     # JSONL, one parallel item per line: {"en": "...", "zh": "...", ...}; probing and training prompts
     parallel_data: str = ""
@@ -171,4 +191,5 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     lens: LensConfig = field(default_factory=LensConfig)

@@ -117,10 +117,17 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
             if moe.expert_placement is not None:
                 problem = placement_problem(moe.expert_placement, num_experts, moe.expert_slots)
                 need(not problem, f"moe.expert_placement: {problem}")
+            every_slot_its_expert = (moe.expert_slots == num_experts
+                                     and moe.expert_placement in (None, list(range(num_experts))))
             if moe.grouped_gemm:
-                need(moe.expert_slots == num_experts and moe.expert_placement in (None, list(range(num_experts))),
+                need(model_transformer_engine(m.transformer_impl),
+                     "moe.grouped_gemm=true needs TransformerEngine layers (model.transformer_impl auto or "
+                     "transformer_engine); set it to null or false with model.transformer_impl=local")
+                need(every_slot_its_expert,
                      "moe.grouped_gemm does not support padding slots or a placement yet: set moe.grouped_gemm=false "
                      "or use a parallel.expert that divides the number of experts")
+            elif moe.grouped_gemm is None and not every_slot_its_expert:
+                moe.grouped_gemm = False  # null = where it can: not with padding slots or a placement
         if tp > 1:
             need(par.sequence_parallel,
                  "parallel.sequence_parallel must be true when parallel.tensor > 1 and the model has MoE layers "
@@ -200,6 +207,10 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
 
     if tr.objective == "lens":
         _check_lens(cfg, dp, check_files, need)
+    if cfg.fp8.format is not None:
+        _check_fp8(cfg, need)
+    elif cfg.fp8.pad_expert_tokens:
+        problems.append("fp8.pad_expert_tokens pads expert token counts for FP8 GEMMs: it needs fp8.format")
 
     # --- data, logging, checkpoint
     if tr.train_steps > 0 and tr.objective == "lm":
@@ -236,6 +247,46 @@ def _check_lens(cfg: RunConfig, dp: int, check_files: bool, need) -> None:
          f"({cfg.model.num_layers})")
     need(lens.probe_items >= 1, f"lens.probe_items must be at least 1, got {lens.probe_items}")
     need(lens.anchor not in lens.languages, f"lens.languages must not contain the anchor {lens.anchor!r}")
+
+
+def model_transformer_engine(impl: str) -> bool:
+    """Whether model.transformer_impl allows TransformerEngine layers (whether this machine has them is
+    checked when a run starts, model/backend.py)."""
+    return impl != "local"
+
+
+def _check_fp8(cfg: RunConfig, need) -> None:
+    f8, m, moe = cfg.fp8, cfg.model, cfg.moe
+    need(cfg.training.precision == "bf16",
+         f"fp8.format={f8.format} needs training.precision=bf16 (FP8 GEMMs inside a bf16 model), got "
+         f"{cfg.training.precision}")
+    need(model_transformer_engine(m.transformer_impl),
+         f"fp8.format={f8.format} needs TransformerEngine layers: model.transformer_impl must be auto or "
+         "transformer_engine, not local")
+    bf16_layers = f8.bf16_first_layers + f8.bf16_last_layers
+    need(f8.bf16_first_layers >= 0 and f8.bf16_last_layers >= 0,
+         "fp8.bf16_first_layers and fp8.bf16_last_layers must be >= 0")
+    if bf16_layers > 0:
+        need(f8.recipe != "delayed",
+             "fp8.bf16_first_layers / bf16_last_layers cannot be used with fp8.recipe=delayed (megatron-core's "
+             "delayed scaling wraps the whole block in one FP8 context): use recipe tensorwise or blockwise")
+        per_stage = m.num_layers // cfg.parallel.pipeline
+        need(max(f8.bf16_first_layers, f8.bf16_last_layers) <= per_stage,
+             f"fp8.bf16_first_layers ({f8.bf16_first_layers}) and fp8.bf16_last_layers ({f8.bf16_last_layers}) can "
+             f"each be at most the layers of one pipeline stage ({per_stage})")
+        need(bf16_layers < m.num_layers,
+             f"fp8.bf16_first_layers + fp8.bf16_last_layers ({bf16_layers}) leaves no layer in FP8 "
+             f"(model.num_layers = {m.num_layers}): train in bf16 by removing fp8.format")
+    need(f8.amax_history_len >= 1, f"fp8.amax_history_len must be at least 1, got {f8.amax_history_len}")
+    need(f8.margin >= 0, f"fp8.margin must be >= 0, got {f8.margin}")
+    if moe.moe_last_n > 0:
+        if f8.pad_expert_tokens is None:
+            f8.pad_expert_tokens = moe.token_dispatcher == "alltoall"
+        need(not f8.pad_expert_tokens or moe.token_dispatcher == "alltoall",
+             "fp8.pad_expert_tokens needs moe.token_dispatcher=alltoall (the allgather dispatcher cannot pad): set "
+             "fp8.pad_expert_tokens=false (the experts then pad for themselves) or use alltoall")
+    else:
+        f8.pad_expert_tokens = False
 
 
 def world_size_of(cfg: RunConfig) -> int:

@@ -1,10 +1,12 @@
-"""Which layer implementation a run uses: TransformerEngine's (GPU) or megatron-core's local one.
+"""Which layer implementation a run uses: TransformerEngine's (GPU) or megatron-core's local one, and
+whether this machine can run what the config asks for (FP8, grouped GEMM).
 
 TransformerEngine is imported lazily and only here: it needs a GPU and its CUDA libraries to import at all.
 """
 from __future__ import annotations
 
 import functools
+from typing import Tuple
 
 
 class BackendError(RuntimeError):
@@ -12,27 +14,79 @@ class BackendError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def transformer_engine_available() -> bool:
+def _transformer_engine_problem() -> str:
+    """'' when TransformerEngine's PyTorch layers import on a GPU, else why not."""
     import torch
 
     if not torch.cuda.is_available():
-        return False
+        return "no GPU is present"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
+    except (ImportError, OSError, RuntimeError) as e:
+        return f"import transformer_engine.pytorch failed: {e}"
+    return ""
 
 
 def use_transformer_engine(impl: str) -> bool:
     """model.transformer_impl -> whether to build TransformerEngine layers (auto: when they import)."""
     if impl == "local":
         return False
-    import torch
-
-    available = transformer_engine_available()
-    if impl == "transformer_engine" and not available:
-        reason = "no GPU is present" if not torch.cuda.is_available() else "import transformer_engine.pytorch failed"
+    problem = _transformer_engine_problem()
+    if impl == "transformer_engine" and problem:
         raise BackendError(f"model.transformer_impl=transformer_engine, but TransformerEngine cannot be used here "
-                           f"({reason}); use model.transformer_impl=local or auto")
-    return available
+                           f"({problem}); use model.transformer_impl=local or auto")
+    return not problem
+
+
+# FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x); block scaling from Hopper on
+FP8_MIN_CAPABILITY = (8, 9)
+BLOCKWISE_MIN_CAPABILITY = (9, 0)
+
+
+def fp8_device_problem(recipe: str, device_name: str, capability: Tuple[int, int]) -> str:
+    """Why this GPU cannot run the FP8 recipe ('' when it can)."""
+    cc = f"{capability[0]}.{capability[1]}"
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        return (f"{device_name} (compute capability {cc}) has no FP8 tensor cores: FP8 needs compute capability "
+                "8.9 or newer (L40S, H100, H200, B200); train in bf16 by removing fp8.format")
+    if recipe == "blockwise" and tuple(capability) < BLOCKWISE_MIN_CAPABILITY:
+        return (f"fp8.recipe=blockwise needs compute capability 9.0 or newer (Hopper); {device_name} has {cc}: "
+                "use fp8.recipe=tensorwise or delayed")
+    return ""
+
+
+def _transformer_engine_fp8_problem(recipe: str) -> str:
+    """TransformerEngine's own verdict on FP8 (it also knows its build and CUDA version), where it says one."""
+    checks = ["check_fp8_support"] + (["check_fp8_block_scaling_support"] if recipe == "blockwise" else [])
+    for module_name in ("transformer_engine.pytorch.fp8", "transformer_engine.pytorch.quantization"):
+        try:
+            module = __import__(module_name, fromlist=checks)
+        except ImportError:
+            continue
+        for name in checks:
+            check = getattr(module, name, None)
+            if check is not None:
+                ok, reason = check()
+                if not ok:
+                    return f"TransformerEngine reports: {reason}"
+        return ""
+    return ""
+
+
+def check_machine(cfg) -> None:
+    """Raise BackendError when this machine cannot run the resolved config's FP8 / grouped GEMM settings."""
+    impl = cfg.model.transformer_impl
+    if cfg.fp8.format is not None:
+        if not use_transformer_engine(impl):
+            raise BackendError(f"fp8.format={cfg.fp8.format} needs TransformerEngine layers, which cannot be used "
+                               f"here ({_transformer_engine_problem()}); remove fp8.format to train in bf16")
+        import torch
+
+        problem = (fp8_device_problem(cfg.fp8.recipe, torch.cuda.get_device_name(),
+                                      torch.cuda.get_device_capability())
+                   or _transformer_engine_fp8_problem(cfg.fp8.recipe))
+        if problem:
+            raise BackendError(f"fp8.format={cfg.fp8.format}: {problem}")
+    if cfg.moe.moe_last_n > 0 and cfg.moe.grouped_gemm and not use_transformer_engine(impl):
+        raise BackendError(f"moe.grouped_gemm=true needs TransformerEngine layers, which cannot be used here "
+                           f"({_transformer_engine_problem()}); set moe.grouped_gemm=null or false")

@@ -40,7 +40,8 @@ def build_model_chunks(cfg: RunConfig, num_experts: int) -> List[PostMoEGPTModel
     cfg must be resolved and parallel_state initialised for cfg.parallel.
     """
     use_te = use_transformer_engine(cfg.model.transformer_impl)
-    config = build_transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
+    config = build_transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available(),
+                                      use_transformer_engine=use_te)
     slots = (expert_slots(num_experts, cfg.moe.expert_slots, cfg.moe.expert_placement)
              if cfg.moe.moe_last_n > 0 else None)
     vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)

@@ -18,7 +18,8 @@ def moe_layer_pattern(num_layers: int, moe_last_n: int) -> List[int]:
     return [0] * (num_layers - moe_last_n) + [1] * moe_last_n
 
 
-def build_transformer_config(cfg: RunConfig, use_cpu_initialization: bool) -> TransformerConfig:
+def build_transformer_config(cfg: RunConfig, use_cpu_initialization: bool,
+                             use_transformer_engine: bool = False) -> TransformerConfig:
     m, moe, par, tr = cfg.model, cfg.moe, cfg.parallel, cfg.training
     dtype = DTYPES[tr.precision]
     kwargs = dict(
@@ -73,11 +74,28 @@ def build_transformer_config(cfg: RunConfig, use_cpu_initialization: bool) -> Tr
             moe_router_pre_softmax=True,
             moe_router_dtype="fp32",
             moe_token_dispatcher_type=moe.token_dispatcher,
-            moe_grouped_gemm=moe.grouped_gemm,
+            # null: grouped where it can be (validation turned it off for padding slots or a placement)
+            moe_grouped_gemm=use_transformer_engine if moe.grouped_gemm is None else moe.grouped_gemm,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff if moe.z_loss_coeff > 0 else None,
             moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
             moe_shared_expert_gate=moe.shared_expert_ffn_hidden_size is not None,
         )
+    if cfg.fp8.format is not None:
+        kwargs.update(fp8_settings(cfg))
     return TransformerConfig(**kwargs)
+
+
+def fp8_settings(cfg: RunConfig) -> dict:
+    """fp8.* -> megatron-core's names. The TransformerBlock enters TransformerEngine's FP8 context per layer
+    (per block for delayed scaling) and leaves the bf16 layers out of it."""
+    f8 = cfg.fp8
+    settings = dict(fp8=f8.format, fp8_recipe=f8.recipe, fp8_margin=f8.margin,
+                    fp8_amax_history_len=f8.amax_history_len, fp8_amax_compute_algo=f8.amax_compute_algo)
+    if f8.bf16_first_layers or f8.bf16_last_layers:
+        settings.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=f8.bf16_first_layers,
+                        num_layers_at_end_in_bf16=f8.bf16_last_layers)
+    if cfg.moe.moe_last_n > 0 and f8.pad_expert_tokens:
+        settings["moe_router_padding_for_quantization"] = True
+    return settings

@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..config import ConfigError, Stage, dump_config, load_stages, resolve_config, world_size_of
-from ..model.backend import BackendError, use_transformer_engine
+from ..model.backend import BackendError, check_machine, use_transformer_engine
 from ..runtime.env import DistEnv, LaunchEnvError, detect_launch_env
 from ..runtime.exit_codes import EXIT_CONFIG, EXIT_INPUT, EXIT_OK
 from ..runtime.launch import run_local_workers
@@ -56,6 +56,8 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
     stages = resolve_stages(config_path, overrides, env.world_size if env else None, only)
     for stage in stages:  # what this machine can run (torch only imported when a rule needs it: 2 s a process)
         cfg = stage.config
+        if cfg.fp8.format is not None or cfg.moe.grouped_gemm:
+            check_machine(cfg)
         impl = cfg.model.transformer_impl
         if impl == "transformer_engine" or (impl != "local" and cfg.data.attention == "per_document"):
             if use_transformer_engine(impl) and cfg.data.attention == "per_document":
