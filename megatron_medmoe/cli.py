@@ -133,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.command import add_analyze_parser
     from .evaluation.command import add_eval_parser
 
+    from .plan.command import add_plan_parser
+
     add_analyze_parser(commands)
     add_eval_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 

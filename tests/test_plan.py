@@ -1,0 +1,191 @@
+"""`medmoe plan`: the memory and communication arithmetic against hand-computed small cases, expert placement
+on a skewed mix against every possible placement, the mix read from data, and the command's answers."""
+import itertools
+import json
+
+import pytest
+
+from conftest import REPO, TINY, run_medmoe
+from megatron_medmoe.config import load_config, load_stages, resolve_config
+from megatron_medmoe.languages import load_registry
+from megatron_medmoe.plan.comm import step_comm
+from megatron_medmoe.plan.memory import stage_memory, stage_params
+from megatron_medmoe.plan.mix import MixError, shares_from_data, shares_from_mix
+from megatron_medmoe.plan.placement import balance_experts, expert_loads
+
+# 2 layers (layer 0 dense, layer 1 MoE with the 7 family experts), hidden 16, ffn 32, 4 heads of 4, 2 kv heads,
+# vocabulary 64, untied, 8 tokens x micro-batch 2, bf16
+SMALL = ["model.num_layers=2", "model.hidden_size=16", "model.ffn_hidden_size=32", "model.num_attention_heads=4",
+         "model.num_query_groups=2", "model.vocab_size=64", "model.make_vocab_size_divisible_by=64",
+         "model.tie_embeddings=false", "moe.moe_last_n=1", "moe.topk=2", "data.seq_length=8",
+         "training.micro_batch_size=2", "training.precision=bf16", "data.datasets=[{prefix: none}]"]
+
+
+def small(*overrides, world_size=None):
+    return resolve_config(load_config(None, SMALL + list(overrides)), world_size=world_size, check_files=False)
+
+
+def test_memory_of_one_gpu_by_hand():
+    cfg = small("training.global_batch_size=2")
+    # attention: q/k/v 16 x (4 + 2 + 2) x 4 = 512, output 16 x 16 = 256, q/k/v bias 32, input norm 16; pre-MLP norm 16
+    # dense MLP 3 x 16 x 32 = 1536; router 16 x 7 = 112; experts 7 x 1536 = 10752
+    # embedding and output layer 64 x 16 = 1024 each, final norm 16
+    params = stage_params(cfg, 0, 7)
+    assert params.dense == (832 + 1536) + (832 + 112) + 1024 + 1024 + 16 == 5376
+    assert params.experts == 10752 and params.frozen == 0
+    mem = stage_memory(cfg, 0, 7)
+    assert mem.weights == 2 * 16128 and mem.gradients == 4 * 16128 and mem.optimizer == 12 * 16128
+    # activations, s b = 16 tokens: attention 2 x 16 x 16 (norm input, q/k/v input) + 16 x (16 + 8 + 8) (q, k, v)
+    # + 16 x 16 (output) + 2 x 16 x 4 (softmax statistics) = 1408; dense MLP 2 x 256 + 3 x 16 x 32 = 2048;
+    # MoE MLP 2 x 256 + 4 x 16 x 7 (router) + 2 x 16 copies x (2 x 16 + 3 x 32) = 4096 -> 5056
+    assert mem.activations == 2 * (1408 + 2048 + 1408 + 5056)
+    assert mem.logits == 6 * 16 * 64 + 4 * 16 * 16  # bf16 logits + float32 copy; final-norm and output inputs
+    assert mem.in_flight == 1
+    assert mem.total == 32256 + 64512 + 193536 + 19840 + 7168
+
+
+def test_layouts_split_the_memory_as_megatron_core_does():
+    tp2 = stage_memory(small("parallel.tensor=2", "training.global_batch_size=2"), 0, 7)
+    # tensor parallel 2: GEMM weights and vocabulary halve, biases split, norms and router replicated
+    # attention 768 / 2 + 32 / 2 + 16, pre-MLP norm 16, dense MLP 768, router 112, experts 7 x 768 (expert tensor
+    # parallel follows tensor parallel); vocabulary 512 x 2; final norm 16
+    assert tp2.weights == 2 * ((416 + 16 + 768) + (416 + 16 + 112) + 1024 + 16 + 7 * 768)
+    # sequence parallelism splits the norm inputs too: attention 1408 -> 2 x 128 + 16 x 16 + 128 + 64 = 704
+    assert tp2.activations == 2 * ((704 + 256 + 768) + (704 + 256 + 224 + 32 * (32 + 48)))
+
+    pp = small("parallel.pipeline=2", "training.global_batch_size=8")  # 4 micro-batches per step
+    first, last = stage_memory(pp, 0, 7), stage_memory(pp, 1, 7)
+    assert (first.in_flight, last.in_flight) == (2, 1)  # 1F1B: stage i holds min(p - i, M)
+    assert first.weights == 2 * (2368 + 1024) and first.logits == 0
+    assert last.weights == 2 * (944 + 10752 + 1024 + 16) and last.logits == 7168
+    assert first.activations == 2 * 2 * 3456 and last.activations == 2 * 6464
+
+    full = stage_memory(small("training.global_batch_size=2"), 0, 7, recompute="full")
+    assert full.activations == 2 * (2 * 16 * 16 + 6464)  # each layer's input, and one layer recomputed
+
+    dp = small("parallel.expert=2", "moe.expert_slots=8", "training.global_batch_size=4", world_size=2)
+    mem = stage_memory(dp, 0, 7)  # 2 ranks: data parallel 2, experts 4 slots a rank (one padding slot on one)
+    assert mem.optimizer == 12 * (5376 / 2 + 4 * 1536 / 1)
+    assert mem.weights == 2 * (5376 + 4 * 1536) and mem.gradients == 4 * (5376 + 4 * 1536)
+    assert stage_memory(dp, 0, 7, expert_rank_share=0.75).activations > mem.activations
+
+
+def test_communication_by_hand():
+    cfg = small("parallel.tensor=2", "training.global_batch_size=6")  # 3 micro-batches a step
+    comm = step_comm(cfg, 0, 7)
+    sbh = 8 * 2 * 16
+    # per micro-batch, in halves of s b h bf16 values: dense layer 8 (attention and MLP, forward and backward),
+    # MoE layer 4 (attention; its experts are expert-tensor traffic), embedding 2, output layer 2
+    assert comm.tp == 3 * (8 + 4 + 2 + 2) * 0.5 * sbh * 2
+    # experts (expert tensor parallel 2 = tensor): 4 gathers/scatters of the 2 x 8 copies of the GPU's 8 tokens
+    assert comm.ep == 3 * 4 * 0.5 * (16 * 2) * 16 * 2
+    assert comm.pp == 0 and comm.dp == 0
+    again = step_comm(cfg, 0, 7, recompute="full")  # the forward collectives once more
+    assert again.tp == 3 * (12 + 6 + 2 + 2) * 0.5 * sbh * 2 and again.ep == comm.ep * 6 / 4
+
+    pp = small("parallel.pipeline=2", "training.global_batch_size=8")
+    assert step_comm(pp, 0, 7).pp == 4 * 1 * sbh * 2  # stage 0 sends activations only
+
+    ep = small("parallel.expert=2", "moe.expert_slots=8", "training.global_batch_size=4", world_size=2)
+    comm = step_comm(ep, 0, 7)
+    assert comm.ep == 1 * 1 * 4 * 0.5 * (2 * 16) * 16 * 2  # 1 micro-batch, 1 MoE layer, 4 all-to-alls of k s b h
+    # distributed optimizer: fp32 gradients reduce-scattered, bf16 weights gathered, over data parallel 2;
+    # experts have expert-data-parallel 1: nothing
+    assert comm.dp == 0.5 * 5376 * 6
+
+
+def test_balanced_placement_of_a_skewed_mix_is_the_best_there_is():
+    shares = [0.06, 0.05, 0.03, 0.02, 0.70, 0.10, 0.04]  # Indo-European carries most tokens
+    loads = expert_loads(shares, topk=2, routing="hybrid")
+    assert sum(loads) == pytest.approx(1.0)
+    assert loads[4] == pytest.approx((0.70 + 0.30 / 6) / 2)
+    for ranks, slots in ((2, 8), (4, 8), (7, 7)):
+        placement = balance_experts(loads, ranks, slots)
+        per_rank = slots // ranks
+        best = min(max(sum(loads[i] for i in range(7) if owner[i] == r) for r in range(ranks))
+                   for owner in itertools.product(range(ranks), repeat=7)
+                   if all(owner.count(r) <= per_rank for r in range(ranks)))
+        assert placement.max_load == pytest.approx(best)
+        identity = max(sum(loads[i] for i in range(7) if i // per_rank == r) for r in range(ranks))
+        assert placement.max_load <= identity
+        slot_of_expert = placement.slot_of_expert
+        assert sorted(slot_of_expert) == sorted(set(slot_of_expert)) and max(slot_of_expert) < slots
+        assert all(slot_of_expert[i] // per_rank == r for r, g in enumerate(placement.experts_of_rank) for i in g)
+    two = balance_experts(loads, 2, 8)
+    assert two.max_load < max(sum(loads[:4]), sum(loads[4:]))  # better than expert i in slot i
+    assert expert_loads(shares, topk=1, routing="hybrid") == pytest.approx(shares)
+
+
+def test_mix_from_options_and_from_the_recipes_data(monkeypatch):
+    monkeypatch.chdir(REPO)
+    registry = load_registry("families")
+    shares = shares_from_mix(["en=3", "zh=1", "Kongolese=4", "de=2"], registry)
+    assert shares[4] == pytest.approx(0.5) and shares[0] == pytest.approx(0.1) and shares[6] == pytest.approx(0.4)
+    for bad in (["xx=1"], ["en"], ["en=-1"], ["en=0"]):
+        with pytest.raises(MixError, match="--mix"):
+            shares_from_mix(bad, registry)
+    cfg = next(s.config for s in load_stages(TINY, []) if s.name == "cpt")
+    summary = json.loads((REPO / "runs" / "data" / "tiny_text.json").read_text())
+    # one dataset, weighted sampling: one pass of the plan draws every document once
+    expected = [summary["per_family"].get(name, {}).get("tokens", 0) / summary["tokens"] for name in registry.experts]
+    assert shares_from_data(cfg, registry) == pytest.approx(expected)
+    cfg.data.datasets[0].prefix = "runs/data/missing"
+    with pytest.raises(MixError, match="runs/data/missing.json not found.*--mix"):
+        shares_from_data(cfg, registry)
+
+
+MIX = ["--mix", "en=1.08e9", "zh=7.8e8", "fr=1e8", "es=1e8", "de=8e7", "ru=8e7", "ja=8e7", "ko=6e7", "hi=5e7",
+       "ar=5e7", "it=5e7", "pt=5e7"]
+
+
+def test_plan_command_json_layouts_are_valid_recipes():
+    proc = run_medmoe(["plan", "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "2", "--gpus-per-node", "8",
+                       "--gpu-memory", "80GB", *MIX, "--json"], timeout=300)
+    answer = json.loads(proc.stdout)
+    layouts = answer["layouts"]
+    assert answer["gpus_per_node"] == 8 and answer["family_shares"]["Indo-European"] > 0.5
+    assert layouts[0]["fits"] and all(round(a["step_seconds"], 3) <= round(b["step_seconds"], 3)
+                                      for a, b in zip(layouts, layouts[1:]) if a["fits"] and b["fits"])
+    usable = answer["usable_bytes"]
+    assert all((lay["memory"]["total"] <= usable) == lay["fits"] for lay in layouts)
+    for lay in layouts[:5]:  # what the planner suggests passes `medmoe train`'s own validation on 16 ranks
+        stage = load_stages(str(REPO / "examples" / "apollomoe-0.5b.yaml"), lay["overrides"])[0]
+        cfg = resolve_config(stage.config, world_size=16, check_files=False)
+        assert (cfg.parallel.tensor, cfg.parallel.expert, cfg.parallel.data) == (
+            lay["tensor"], lay["expert"], lay["data"])
+    with_ep = next(lay for lay in layouts if lay["expert"] == 8)
+    placement = with_ep["expert_placement"]
+    assert max(placement["rank_loads"]) == pytest.approx(max(placement["rank_loads"]))
+    assert len(placement["slot_of_expert"]) == 7 and sorted(placement["rank_loads"])[-1] < 0.5
+
+
+def plan(capsys, *args):
+    """`medmoe plan ARGS` in this process: (exit code, stdout, stderr)."""
+    from megatron_medmoe.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["plan", *args])
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+def test_plan_command_table_and_bad_input(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, out, _ = plan(capsys, "--recipe", "examples/apollomoe-1.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                        *MIX, "--top", "3")
+    assert code == 0 and "valid layouts fit" in out
+    assert "best: medmoe train examples/apollomoe-1.5b.yaml parallel.tensor=" in out
+    assert len([line for line in out.splitlines() if line.strip()[:2] in ("1 ", "2 ", "4 ", "8 ")]) == 3
+    code, _, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "0", "--gpus-per-node", "8")
+    assert code == 2 and "--nodes: '0': expected a whole number of at least 1" in err
+    code, _, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                        "--gpu-memory", "lots")
+    assert code == 2 and "expected a size such as 80GB" in err
+    code, out, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8")
+    assert code == 3 and "data/apollomoe/train.json not found" in err and "--mix" in err and out == ""
+    code, out, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                          "--mix", "en=1", "klingon=2")
+    assert code == 2 and "'klingon' is neither a family" in err
+    code, out, _ = plan(capsys, "--recipe", "examples/tiny.yaml", "--nodes", "1", "--gpus-per-node", "2",
+                        "--gpu-memory", "1MB")
+    assert code == 0 and "none fits in 0.001 GB (smallest shown)" in out
