@@ -94,6 +94,10 @@ class TrainingMetrics:
             "family_loss": {self.registry.experts[i]: float(family[0, i] / family[1, i])
                             for i in range(n_fam) if family[1, i] > 0},
         }
+        if torch.cuda.is_available():  # the largest peak over the ranks since the start
+            peak = torch.tensor([float(torch.cuda.max_memory_allocated())], device=collective_device())
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            record["peak_memory_gib"] = float(peak.item()) / 1024 ** 3
         if self.moe_last_n > 0:
             layers = {}
             for row in range(self.moe_last_n):
@@ -126,6 +130,7 @@ class TrainingMetrics:
         print(f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm {r['grad_norm']:.3f} | "
               f"{r['tokens_per_s']:.0f} tokens/s | {r['tflops_per_device']:.3g} TFLOP/s per device"
               + (f" (MFU {r['mfu']:.1%})" if r["mfu"] is not None else "") + f" | {r['s_per_step'] * 1000:.0f} ms/step"
+              + (f" | peak memory {r['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in r else "")
               + (f" | skipped {r['skipped_steps']}" if r["skipped_steps"] else ""), flush=True)
         fams = " | ".join(f"{name} {value:.3f}" for name, value in r["family_loss"].items())
         print(f"    loss by family: {fams}", flush=True)
