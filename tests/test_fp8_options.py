@@ -104,3 +104,14 @@ def test_without_transformer_engine_the_local_spec_is_used_and_fp8_is_refused():
 def test_gpus_without_fp8_are_named(name, capability, recipe, expected):
     problem = fp8_device_problem(recipe, name, capability)
     assert (expected in problem and problem) if expected else problem == ""
+
+
+def test_a_checkpoint_trained_in_fp8_loads_for_inference_and_conversion():
+    """Analysis, evaluation and conversion run the checkpoint's model in fp32 with local layers: its FP8 and
+    grouped-GEMM settings are dropped, not refused."""
+    from megatron_medmoe.inference.loaded import inference_config
+
+    trained = resolved(*FP8, *ONE_RANK, "fp8.recipe=blockwise", "fp8.bf16_last_layers=1", "moe.grouped_gemm=true")
+    cfg = inference_config(trained, 1, local=True)
+    assert cfg.fp8.format is None and cfg.training.precision == "fp32" and cfg.model.transformer_impl == "local"
+    assert build_transformer_config(cfg, use_cpu_initialization=True).fp8 is None

@@ -3,6 +3,7 @@ from .load import ConfigError, Stage, config_to_dict, dump_config, load_config, 
 from .schema import (
     CheckpointConfig,
     DataConfig,
+    FP8Config,
     LensConfig,
     LoggingConfig,
     ModelConfig,
@@ -14,7 +15,7 @@ from .schema import (
 from .validate import padded_vocab_size, resolve_config, world_size_of
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LensConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "FP8Config", "LensConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
     "ParallelConfig", "RunConfig", "Stage", "TrainingConfig", "config_to_dict", "dump_config", "load_config",
     "load_stages",
     "padded_vocab_size", "resolve_config", "world_size_of",

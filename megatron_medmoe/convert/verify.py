@@ -9,7 +9,6 @@ argmax agrees. Passing means KL below 1e-6 everywhere and 100% argmax agreement.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,19 +80,17 @@ def _one_rank():
 
 
 def our_model(ckpt: str):
-    from ..config import resolve_config
+    from ..inference.loaded import ModelLoadError, inference_config
     from ..languages import load_registry
     from ..model.gpt import build_model_chunks
     from ..training.checkpoint import load_checkpoint
     from .mcore_to_hf import open_checkpoint
 
     path, cfg = open_checkpoint(ckpt)
-    cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None, expert=1,
-                                       expert_tensor=None, data=1, sequence_parallel=None)
-    cfg.moe = dataclasses.replace(cfg.moe, expert_slots=None, expert_placement=None)
-    cfg.training = dataclasses.replace(cfg.training, precision="fp32", recompute_granularity=None)
-    cfg.model = dataclasses.replace(cfg.model, transformer_impl="local")
-    cfg = resolve_config(cfg, world_size=1, check_files=False)
+    try:
+        cfg = inference_config(cfg, 1, local=True)  # fp32, local layers: compared with transformers on the CPU
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from e
     (model,) = build_model_chunks(cfg, load_registry(cfg.data.language_table).num_experts)
     try:
         load_checkpoint(path, [model], cfg)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError, RunConfig, resolve_config
+from ..config import ConfigError, FP8Config, RunConfig, resolve_config
 from ..languages import LanguageRegistry, load_registry
 from ..runtime.env import DistEnv
 
@@ -58,13 +58,15 @@ class LoadedModel:
         return out[..., :self.vocab_size].float()
 
 
-def inference_config(cfg: RunConfig, tensor: int) -> RunConfig:
-    """The checkpoint's config with the inference layout: TP `tensor`, nothing else parallel, fp32."""
+def inference_config(cfg: RunConfig, tensor: int, local: bool = False) -> RunConfig:
+    """The checkpoint's config with the inference layout: TP `tensor`, nothing else parallel, fp32 (no FP8),
+    the local layer spec on CPU or when asked (`local`)."""
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor=tensor, pipeline=1, virtual_pipeline=None, expert=1,
                                        expert_tensor=None, data=1, sequence_parallel=None)
-    cfg.moe = dataclasses.replace(cfg.moe, expert_slots=None, expert_placement=None)
+    cfg.moe = dataclasses.replace(cfg.moe, expert_slots=None, expert_placement=None, grouped_gemm=None)
     cfg.training = dataclasses.replace(cfg.training, precision="fp32", recompute_granularity=None)
-    if not torch.cuda.is_available():
+    cfg.fp8 = FP8Config()
+    if local or not torch.cuda.is_available():
         cfg.model = dataclasses.replace(cfg.model, transformer_impl="local")
     try:
         cfg = resolve_config(cfg, world_size=tensor, check_files=False)
