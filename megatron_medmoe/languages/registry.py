@@ -6,6 +6,7 @@ is a path to a user's own table.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
@@ -86,6 +87,13 @@ def load_registry(table: str = "families") -> LanguageRegistry:
             f"language table {table!r} not found: give one of {sorted(BUILTIN_TABLES)} or a path to a "
             "YAML file shaped like megatron_medmoe/languages/families.yaml"
         )
+    stat = os.stat(path)
+    return _load_table(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_table(path: str, mtime_ns: int, size: int) -> LanguageRegistry:
+    """Parsed once per version of the file (a registry is immutable; validation resolves configs often)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
