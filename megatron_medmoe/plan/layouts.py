@@ -127,9 +127,9 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
         placement = placements[e]
         share = placement.max_load
     usable = machine.gpu_memory - machine.reserve
-    by_recompute = {str(r): peak_memory(cfg, num_experts, r, share) for r in RECOMPUTE}
-    recompute = next((r for r in RECOMPUTE if by_recompute[str(r)].total <= usable), "full")
-    memory = by_recompute[str(recompute)]
+    by_recompute = {r or "none": peak_memory(cfg, num_experts, r, share) for r in RECOMPUTE}
+    recompute = next((r for r in RECOMPUTE if by_recompute[r or "none"].total <= usable), "full")
+    memory = by_recompute[recompute or "none"]
     comm = max((step_comm(cfg, s, num_experts, recompute) for s in range(p)), key=lambda c: c.total)
 
     tokens = tr.global_batch_size * cfg.data.seq_length

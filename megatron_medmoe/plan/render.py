@@ -35,7 +35,7 @@ def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machin
         mem = c.memory
         rows.append((c.tensor, c.pipeline, c.expert, c.expert_tensor, c.data, c.micro_batch, c.recompute or "none",
                      _gib(mem.weights), _gib(mem.gradients), _gib(mem.optimizer), _gib(mem.activations),
-                     _gib(mem.logits), _gib(mem.total), _gib(c.memory_by_recompute["None"]), _gb(c.comm.tp),
+                     _gib(mem.logits), _gib(mem.total), _gib(c.memory_by_recompute["none"]), _gb(c.comm.tp),
                      _gb(c.comm.pp), _gb(c.comm.ep), _gb(c.comm.dp), f"{c.step_seconds:.2f}",
                      f"{c.tokens_per_s_per_gpu:,.0f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
