@@ -25,7 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     from megatron_medmoe.runtime.cpu_compat import import_megatron_core_deferring_compile
+    from megatron_medmoe.runtime.quiet import silence_known_noise
 
+    silence_known_noise()
     import_megatron_core_deferring_compile()
     from megatron_medmoe.analysis.inputs import AnalysisInputs, language_batches, open_analysis
     from megatron_medmoe.analysis.neurons import NeuronCounter

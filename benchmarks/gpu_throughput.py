@@ -203,24 +203,12 @@ def run_baseline(args, shape: str, prefix: str, steps: int, device: str) -> dict
             "last_loss": float(loss.detach())}
 
 
-def fp8_unavailable(device: str) -> str:
-    """Why FP8 cannot run here ('' when it can)."""
-    if device != "cuda":
-        return "no GPU"
+def fp8_unavailable(args, prefix: str) -> str:
+    """Why this machine cannot train the first shape in FP8 ('' when it can): `medmoe train`'s own check."""
     from megatron_medmoe.model.backend import BackendError, check_machine
 
-    class Probe:  # the parts of a config check_machine reads
-        class model:
-            transformer_impl = "auto"
-
-        class fp8:
-            format, recipe = "hybrid", ARGS.fp8_recipe
-
-        class moe:
-            moe_last_n, grouped_gemm = 0, False
-
     try:
-        check_machine(Probe)
+        check_machine(resolved(args.shapes[0], shape_overrides(args, prefix, "fp8")))
     except BackendError as e:
         return str(e)
     return ""
@@ -237,7 +225,6 @@ def fmt(x, spec):
 
 
 def main():
-    global ARGS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"], choices=sorted(SHAPES))
@@ -251,7 +238,7 @@ def main():
     parser.add_argument("--convergence-steps", type=int, default=200, help="FP8 vs bf16 loss after N steps; 0: skip")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "gpu"))
-    ARGS = args = parser.parse_args()
+    args = parser.parse_args()
     import torch
 
     from megatron_medmoe.runtime.quiet import silence_known_noise
@@ -264,7 +251,7 @@ def main():
     results = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device == "cuda"
                else platform.processor() or platform.machine(), "torch": torch.__version__, "args": vars(args)}
     results["matrix_rate"] = rate = matrix_rate(device)
-    no_fp8 = fp8_unavailable(device)
+    no_fp8 = fp8_unavailable(args, prefix)
     if "fp8" in args.precisions and no_fp8:
         results["fp8_skipped"] = no_fp8
     rows = []

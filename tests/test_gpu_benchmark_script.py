@@ -19,5 +19,6 @@ def test_throughput_script_on_cpu(tmp_path):
     assert ours["stack"] == "ours" and ours["tokens_per_s"] > 0 and [s for s, _ in ours["losses"]] == [2, 4]
     assert base["stack"].startswith("baseline") and base["tokens_per_s"] > 0 and base["tflops"] > 0
     assert 0 < ours["planned_memory_gib"] < 0.1  # the planner's estimate for the same layout
-    assert results["fp8_skipped"] == "no GPU" and "FP8 skipped: no GPU" in proc.stdout
+    assert "needs TransformerEngine layers, which cannot be used here (no GPU is present)" in results["fp8_skipped"]
+    assert "FP8 skipped: fp8.format=hybrid needs TransformerEngine layers" in proc.stdout
     assert "| tiny | ours | fp32 |" in proc.stdout and "| tiny | baseline (HF-style, expert loop) | fp32 |" in proc.stdout
