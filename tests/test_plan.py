@@ -60,6 +60,16 @@ def test_layouts_split_the_memory_as_megatron_core_does():
     assert last.weights == 2 * (944 + 10752 + 1024 + 16) and last.logits == 7168
     assert first.activations == 2 * 2 * 3456 and last.activations == 2 * 6464
 
+    # interleaved, 4 layers (the last MoE) on 2 ranks x 2 chunks: rank 0 holds layers 0 and 2, rank 1 layers 1
+    # and 3; with 4 micro-batches rank 0 warms up (2 - 0 - 1) x 2 + (2 - 1) x 2 = 4 chunks, holding 5 at its
+    # peak, rank 1 holds 3; each chunk is half the rank's layers
+    vp = small("model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+               "training.global_batch_size=8")
+    first, last = stage_memory(vp, 0, 7), stage_memory(vp, 1, 7)
+    assert (first.in_flight, last.in_flight) == (5, 3)
+    assert first.activations == 2 * (3456 + 3456) * 5 / 2 and last.activations == 2 * (3456 + 6464) * 3 / 2
+    assert step_comm(vp, 0, 7).pp == 4 * 2 * 2 * 256 * 2  # every chunk sends forward and backward
+
     full = stage_memory(small("training.global_batch_size=2"), 0, 7, recompute="full")
     assert full.activations == 2 * (2 * 16 * 16 + 6464)  # each layer's input, and one layer recomputed
 

@@ -1,7 +1,8 @@
 """Enumerate the parallel layouts of a recipe on N nodes x G GPUs, estimate each, rank those that fit.
 
-A candidate is a recipe with parallel.{tensor, pipeline, expert, expert_tensor, data}, moe.expert_slots and
-training.micro_batch_size (the recipe's or a smaller power of two, the global batch unchanged) replaced; it
+A candidate is a recipe with parallel.{tensor, pipeline, virtual_pipeline, expert, expert_tensor, data},
+moe.expert_slots and training.micro_batch_size (the recipe's or a smaller power of two, the global batch
+unchanged) replaced (interleaving: 2 or 4 model chunks per pipeline rank where the layers divide); it
 must pass the same validation as `medmoe train` (config/validate.py). For each, the cheapest recomputation
 (none, selective, full) whose peak memory fits is chosen. The estimated step time, used to rank, assumes:
 - compute: the step's model FLOPs per GPU at `efficiency` x the GPU's peak, x 4/3 with full recomputation,
@@ -45,6 +46,7 @@ class Machine:
 class Candidate:
     tensor: int
     pipeline: int
+    virtual_pipeline: Optional[int]
     expert: int
     expert_tensor: int
     data: int
@@ -65,7 +67,7 @@ class Candidate:
     overrides: List[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("tensor", "pipeline", "expert", "expert_tensor", "data", "micro_batch",
+        out = {k: getattr(self, k) for k in ("tensor", "pipeline", "virtual_pipeline", "expert", "expert_tensor", "data", "micro_batch",
                                              "expert_slots", "sequence_parallel", "recompute", "bubble",
                                              "compute_seconds", "step_seconds", "tokens_per_s_per_gpu", "fits",
                                              "overrides", "memory_by_recompute", "comm_seconds")}
@@ -90,12 +92,12 @@ def _expert_sizes(num_experts: int, world: int) -> List[int]:
 
 
 def layout_config(cfg: RunConfig, world: int, tensor: int, pipeline: int, expert: int, expert_tensor: int,
-                  micro_batch: int, num_experts: int) -> RunConfig:
+                  micro_batch: int, num_experts: int, virtual_pipeline: Optional[int] = None) -> RunConfig:
     """The recipe under this layout, resolved; ConfigError when the layout breaks a rule."""
     c = copy.deepcopy(cfg)
     par = c.parallel
     par.tensor, par.pipeline, par.expert, par.expert_tensor = tensor, pipeline, expert, expert_tensor
-    par.data, par.virtual_pipeline, par.sequence_parallel = None, None, None
+    par.data, par.virtual_pipeline, par.sequence_parallel = None, virtual_pipeline, None
     c.training.micro_batch_size = micro_batch
     if c.moe.moe_last_n > 0:
         c.moe.expert_slots = -(-num_experts // expert) * expert
@@ -139,7 +141,7 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
     compute = step_flops * imbalance * (4 / 3 if recompute == "full" else 1.0) / (
         machine.peak_tflops * 1e12 * machine.efficiency)
     n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
-    bubble = (p - 1) / n_micro
+    bubble = (p - 1) / ((par.virtual_pipeline or 1) * n_micro)
     seconds = {
         "tp": comm.tp / _bandwidth(t, machine),
         "pp": comm.pp / _bandwidth(t * dp * p, machine),
@@ -147,8 +149,10 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
         "dp": comm.dp / _bandwidth(t * dp, machine),
     }
     step = compute * (1 + bubble) + sum(seconds.values())
-    overrides = [f"parallel.tensor={t}", f"parallel.pipeline={p}", f"parallel.expert={e}",
-                 f"parallel.expert_tensor={et}", f"training.micro_batch_size={tr.micro_batch_size}"]
+    overrides = [f"parallel.tensor={t}", f"parallel.pipeline={p}"]
+    if par.virtual_pipeline:
+        overrides.append(f"parallel.virtual_pipeline={par.virtual_pipeline}")
+    overrides += [f"parallel.expert={e}", f"parallel.expert_tensor={et}", f"training.micro_batch_size={tr.micro_batch_size}"]
     if moe and e > 1:
         overrides += [f"moe.expert_slots={cfg.moe.expert_slots}",
                       f"moe.expert_placement=[{','.join(map(str, placement.slot_of_expert))}]"]
@@ -156,7 +160,7 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
         overrides += ["training.recompute_granularity=full"]
     elif recompute == "selective":
         overrides += ["training.recompute_granularity=selective"]
-    return Candidate(t, p, e, et, dp, tr.micro_batch_size, cfg.moe.expert_slots if moe else None,
+    return Candidate(t, p, par.virtual_pipeline, e, et, dp, tr.micro_batch_size, cfg.moe.expert_slots if moe else None,
                      bool(par.sequence_parallel), recompute, memory,
                      {k: v.total for k, v in by_recompute.items()}, comm, seconds, compute, bubble, step,
                      tokens / step / machine.world, memory.total <= usable, placement, overrides)
@@ -181,14 +185,16 @@ def plan_layouts(cfg: RunConfig, machine: Machine, num_experts: int, family_shar
     for t in _powers_of_two(g):
         for p in (x for x in range(1, m.num_layers + 1) if m.num_layers % x == 0 and world % (t * x) == 0):
             moe = cfg.moe.moe_last_n > 0
+            interleave = [None] + [v for v in (2, 4) if p > 1 and m.num_layers % (p * v) == 0]
             for e in (_expert_sizes(num_experts, world) if moe else [1]):
                 for et in (sorted({1, t}) if moe else [t]):
                     for b in micro_batches:
-                        try:
-                            layout = layout_config(cfg, world, t, p, e, et, b, num_experts)
-                        except ConfigError:
-                            continue
-                        candidates.append(estimate(layout, machine, num_experts, family_shares, placements))
+                        for v in interleave:
+                            try:
+                                layout = layout_config(cfg, world, t, p, e, et, b, num_experts, v)
+                            except ConfigError:
+                                continue
+                            candidates.append(estimate(layout, machine, num_experts, family_shares, placements))
     # equal estimates: fewer, larger micro-batches first (they use the GPU better), then less memory
     candidates.sort(key=lambda c: (not c.fits, round(c.step_seconds, 3) if c.fits else c.memory.total, -c.micro_batch,
                                    c.memory.total))

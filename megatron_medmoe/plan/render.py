@@ -28,12 +28,12 @@ def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machin
     lines = [f"{recipe}{f' (stage {stage})' if stage else ''} on {machine.nodes} node(s) x {machine.gpus_per_node} "
              f"GPUs, {machine.gpu_memory / 1e9:g} GB each: {len(fitting)} of {len(candidates)} valid layouts fit",
              ""]
-    header = ("TP", "PP", "EP", "ETP", "DP", "mbs", "recompute", "weights", "grads", "optim", "activ", "logits",
+    header = ("TP", "PP", "VP", "EP", "ETP", "DP", "mbs", "recompute", "weights", "grads", "optim", "activ", "logits",
               "total GiB", "no-recomp GiB", "TP GB", "PP GB", "EP GB", "DP GB", "step s", "tok/s/GPU")
     rows = []
     for c in (fitting or candidates)[:top]:
         mem = c.memory
-        rows.append((c.tensor, c.pipeline, c.expert, c.expert_tensor, c.data, c.micro_batch, c.recompute or "none",
+        rows.append((c.tensor, c.pipeline, c.virtual_pipeline or "-", c.expert, c.expert_tensor, c.data, c.micro_batch, c.recompute or "none",
                      _gib(mem.weights), _gib(mem.gradients), _gib(mem.optimizer), _gib(mem.activations),
                      _gib(mem.logits), _gib(mem.total), _gib(c.memory_by_recompute["none"]), _gb(c.comm.tp),
                      _gb(c.comm.pp), _gb(c.comm.ep), _gb(c.comm.dp), f"{c.step_seconds:.2f}",
