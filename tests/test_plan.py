@@ -199,3 +199,16 @@ def test_plan_command_table_and_bad_input(capsys, monkeypatch):
     code, out, _ = plan(capsys, "--recipe", "examples/tiny.yaml", "--nodes", "1", "--gpus-per-node", "2",
                         "--gpu-memory", "1MB")
     assert code == 0 and "none fits in 0.001 GB (smallest shown)" in out
+
+
+def test_fp8_shortens_the_estimated_compute_by_the_gemm_share():
+    from megatron_medmoe.plan.layouts import Machine, estimate
+
+    machine = Machine(1, 1, 80e9)
+    bf16 = estimate(small("training.global_batch_size=2"), machine, 7, [1 / 7] * 7, {})
+    fp8 = estimate(small("training.global_batch_size=2", "fp8.format=hybrid"), machine, 7, [1 / 7] * 7, {})
+    # multiply-adds a token: 2 layers x (projections 768 + scores and values 2 x 8 x 16) + dense MLP 1536 +
+    # router 112 + 2 experts x 1536 + output layer 16 x 64 = 7792, of which scores and values (512) stay bf16
+    attention = 512 / 7792
+    assert fp8.compute_seconds == pytest.approx(bf16.compute_seconds * ((1 - attention) / 2 + attention))
+    assert fp8.memory.weights > bf16.memory.weights  # TransformerEngine's FP8 weight copies

@@ -5,8 +5,9 @@ moe.expert_slots and training.micro_batch_size (the recipe's or a smaller power 
 unchanged) replaced (interleaving: 2 or 4 model chunks per pipeline rank where the layers divide); it
 must pass the same validation as `medmoe train` (config/validate.py). For each, the cheapest recomputation
 (none, selective, full) whose peak memory fits is chosen. The estimated step time, used to rank, assumes:
-- compute: the step's model FLOPs per GPU at `efficiency` x the GPU's peak, x 4/3 with full recomputation,
-  the expert share scaled by the busiest expert rank's load, plus the 1F1B bubble (p - 1) / (v M);
+- compute: the step's model FLOPs per GPU at `efficiency` x the GPU's bf16 peak (with fp8.format, the GEMMs
+  at twice that; attention's scores and values stay bf16), x 4/3 with full recomputation, the expert share
+  scaled by the busiest expert rank's load, plus the 1F1B bubble (p - 1) / (v M);
 - communication not overlapped with compute, at NVLink bandwidth inside a node and the network's between
   nodes (ranks are ordered tensor, expert, data, pipeline, as megatron-core does).
 """
@@ -138,8 +139,10 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
     step_flops = flops_per_token(cfg, num_experts) * tokens / machine.world
     expert_share = _expert_flops_share(cfg, num_experts)
     imbalance = 1 - expert_share + expert_share * (share * e if moe else 1.0)
-    compute = step_flops * imbalance * (4 / 3 if recompute == "full" else 1.0) / (
-        machine.peak_tflops * 1e12 * machine.efficiency)
+    attention = _attention_flops_share(cfg, num_experts)
+    gemm_speed = 2.0 if cfg.fp8.format else 1.0  # FP8 GEMMs at twice the bf16 rate; attention stays bf16
+    compute = step_flops * imbalance * ((1 - attention) / gemm_speed + attention) * (
+        4 / 3 if recompute == "full" else 1.0) / (machine.peak_tflops * 1e12 * machine.efficiency)
     n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     bubble = (p - 1) / ((par.virtual_pipeline or 1) * n_micro)
     seconds = {
@@ -164,6 +167,13 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
                      bool(par.sequence_parallel), recompute, memory,
                      {k: v.total for k, v in by_recompute.items()}, comm, seconds, compute, bubble, step,
                      tokens / step / machine.world, memory.total <= usable, placement, overrides)
+
+
+def _attention_flops_share(cfg: RunConfig, num_experts: int) -> float:
+    """Share of the model FLOPs in attention's scores and values (not GEMMs with weights: no FP8 there)."""
+    m = cfg.model
+    width = m.num_attention_heads * (m.hidden_size // m.num_attention_heads)
+    return 6 * m.num_layers * 2 * cfg.data.seq_length * width / flops_per_token(cfg, num_experts)
 
 
 def _expert_flops_share(cfg: RunConfig, num_experts: int) -> float:
