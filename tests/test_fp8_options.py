@@ -114,4 +114,5 @@ def test_a_checkpoint_trained_in_fp8_loads_for_inference_and_conversion():
     trained = resolved(*FP8, *ONE_RANK, "fp8.recipe=blockwise", "fp8.bf16_last_layers=1", "moe.grouped_gemm=true")
     cfg = inference_config(trained, 1, local=True)
     assert cfg.fp8.format is None and cfg.training.precision == "fp32" and cfg.model.transformer_impl == "local"
+    assert cfg.moe.grouped_gemm is False  # experts one by one, as the analysis tools' neuron hooks read them
     assert build_transformer_config(cfg, use_cpu_initialization=True).fp8 is None

@@ -193,6 +193,9 @@ def test_plan_command_table_and_bad_input(capsys, monkeypatch):
     assert code == 2 and "expected a size such as 80GB" in err
     code, out, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8")
     assert code == 3 and "data/apollomoe/train.json not found" in err and "--mix" in err and out == ""
+    code, out, _ = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                        "--mix", "en=1", "zh=1", "fp8.format=hybrid", "--json")  # an override after --mix
+    assert code == 0 and json.loads(out)["family_shares"]["Sino-Tibetan"] == pytest.approx(0.5)
     code, out, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
                           "--mix", "en=1", "klingon=2")
     assert code == 2 and "'klingon' is neither a family" in err

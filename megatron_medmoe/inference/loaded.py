@@ -59,11 +59,12 @@ class LoadedModel:
 
 
 def inference_config(cfg: RunConfig, tensor: int, local: bool = False) -> RunConfig:
-    """The checkpoint's config with the inference layout: TP `tensor`, nothing else parallel, fp32 (no FP8),
-    the local layer spec on CPU or when asked (`local`)."""
+    """The checkpoint's config with the inference layout: TP `tensor`, nothing else parallel, fp32 (no FP8, no
+    grouped GEMM), the local layer spec on CPU or when asked (`local`)."""
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor=tensor, pipeline=1, virtual_pipeline=None, expert=1,
                                        expert_tensor=None, data=1, sequence_parallel=None)
-    cfg.moe = dataclasses.replace(cfg.moe, expert_slots=None, expert_placement=None, grouped_gemm=None)
+    # experts one by one (SequentialMLP): the neuron hooks of the analysis tools read each expert's fc1
+    cfg.moe = dataclasses.replace(cfg.moe, expert_slots=None, expert_placement=None, grouped_gemm=False)
     cfg.training = dataclasses.replace(cfg.training, precision="fp32", recompute_granularity=None)
     cfg.fp8 = FP8Config()
     if local or not torch.cuda.is_available():

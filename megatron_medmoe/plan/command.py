@@ -67,6 +67,10 @@ def _plan(args) -> int:
     from .mix import MixError, shares_from_data, shares_from_mix
     from .render import render_table, to_json
 
+    if args.mix:  # `--mix en=1 zh=1 fp8.format=hybrid`: dotted names are recipe overrides, not languages
+        overrides = [x for x in args.mix if "." in x.partition("=")[0]]
+        args.mix = [x for x in args.mix if x not in overrides]
+        args.overrides = [*args.overrides, *overrides]
     try:
         stages = load_stages(args.recipe, args.overrides)
         names = [s.name for s in stages]
