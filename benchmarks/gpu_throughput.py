@@ -158,6 +158,7 @@ def run_baseline(args, shape: str, prefix: str, steps: int, device: str) -> dict
     from baseline_model import BaselineConfig, BaselineForCausalLM
     from megatron_medmoe.data.loader import TrainingData
     from megatron_medmoe.languages import load_registry
+    from megatron_medmoe.training.flops import flops_per_token
 
     cfg = resolved(shape, shape_overrides(args, prefix, "bf16" if device == "cuda" else "fp32"))
     m, moe = cfg.model, cfg.moe
@@ -194,8 +195,6 @@ def run_baseline(args, shape: str, prefix: str, steps: int, device: str) -> dict
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     timed = times[args.log_interval:] or times
-    from megatron_medmoe.training.flops import flops_per_token
-
     seconds = statistics.median(timed)
     tflops = flops_per_token(cfg, registry.num_experts) * tokens_per_step / seconds / 1e12
     return {"tokens_per_s": tokens_per_step / seconds, "tflops": tflops,

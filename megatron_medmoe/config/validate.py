@@ -150,9 +150,8 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
             if not os.path.isfile(spec.prefix + ".json"):
                 problems.append(f"data.datasets[{i}].prefix: {spec.prefix!r} is not a preprocessed dataset "
                                 f"(no {spec.prefix}.json): run `medmoe preprocess --output-prefix {spec.prefix} ...` first")
-        if m.vocab_size is None and data.datasets and os.path.isfile(data.datasets[0].prefix + ".json"):
-            with open(data.datasets[0].prefix + ".json", encoding="utf-8") as f:
-                m.vocab_size = int(json.load(f)["vocab_size"])
+        if m.vocab_size is None:
+            m.vocab_size = dataset_vocab_size(cfg)
     if m.vocab_size is None and not problems:
         problems.append("model.vocab_size is null and there is no dataset to take it from: set model.vocab_size "
                         "or list data.datasets")
@@ -247,6 +246,15 @@ def _check_lens(cfg: RunConfig, dp: int, check_files: bool, need) -> None:
          f"({cfg.model.num_layers})")
     need(lens.probe_items >= 1, f"lens.probe_items must be at least 1, got {lens.probe_items}")
     need(lens.anchor not in lens.languages, f"lens.languages must not contain the anchor {lens.anchor!r}")
+
+
+def dataset_vocab_size(cfg: RunConfig) -> Optional[int]:
+    """The vocabulary of the tokenizer the first dataset was preprocessed with (from its summary), if it exists."""
+    datasets = cfg.data.datasets
+    if not datasets or not os.path.isfile(datasets[0].prefix + ".json"):
+        return None
+    with open(datasets[0].prefix + ".json", encoding="utf-8") as f:
+        return int(json.load(f)["vocab_size"])
 
 
 def model_transformer_engine(impl: str) -> bool:

@@ -62,6 +62,7 @@ def add_plan_parser(commands) -> None:
 
 def _plan(args) -> int:
     from ..config import ConfigError, load_stages
+    from ..config.validate import dataset_vocab_size
     from ..languages import LanguageTableError, load_registry
     from .layouts import Machine, plan_layouts
     from .mix import MixError, shares_from_data, shares_from_mix
@@ -80,7 +81,10 @@ def _plan(args) -> int:
         cfg = stage.config
         registry = load_registry(cfg.data.language_table)
         if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = _vocab_from_data(cfg)
+            cfg.model.vocab_size = dataset_vocab_size(cfg)
+            if cfg.model.vocab_size is None:
+                raise ConfigError(["model.vocab_size is null and the recipe's first dataset is not there to say "
+                                   "it: set model.vocab_size=N"], args.recipe)
         machine = Machine(args.nodes, args.gpus_per_node, args.gpu_memory, args.peak_tflops, args.efficiency,
                           args.nvlink_gbps, args.network_gbps)
     except (ConfigError, LanguageTableError) as e:
@@ -110,14 +114,3 @@ def _plan(args) -> int:
         print(render_table(candidates, args.top, **context))
     return EXIT_OK
 
-
-def _vocab_from_data(cfg) -> int:
-    from ..config import ConfigError
-
-    for spec in cfg.data.datasets:
-        try:
-            with open(spec.prefix + ".json", encoding="utf-8") as f:
-                return int(json.load(f)["vocab_size"])
-        except (OSError, ValueError, KeyError):
-            continue
-    raise ConfigError(["model.vocab_size is null and no dataset of the recipe says it: set model.vocab_size=N"])

@@ -108,12 +108,9 @@ def layout_config(cfg: RunConfig, world: int, tensor: int, pipeline: int, expert
     return resolve_config(c, world_size=world, check_files=False)
 
 
-def _spans_nodes(span: int, machine: Machine) -> bool:
-    return span > machine.gpus_per_node
-
-
 def _bandwidth(span: int, machine: Machine) -> float:
-    return (machine.network_gbps if _spans_nodes(span, machine) else machine.nvlink_gbps) * 1e9
+    """Bytes/s of a group whose ranks span `span` consecutive GPUs: NVLink inside a node, else the network."""
+    return (machine.network_gbps if span > machine.gpus_per_node else machine.nvlink_gbps) * 1e9
 
 
 def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: Sequence[float],

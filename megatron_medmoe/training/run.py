@@ -56,8 +56,7 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
     stages = resolve_stages(config_path, overrides, env.world_size if env else None, only)
     for stage in stages:  # what this machine can run (torch only imported when a rule needs it: 2 s a process)
         cfg = stage.config
-        if cfg.fp8.format is not None or cfg.moe.grouped_gemm:
-            check_machine(cfg)
+        check_machine(cfg)
         impl = cfg.model.transformer_impl
         if impl == "transformer_engine" or (impl != "local" and cfg.data.attention == "per_document"):
             if use_transformer_engine(impl) and cfg.data.attention == "per_document":
