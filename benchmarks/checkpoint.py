@@ -44,7 +44,7 @@ def build(shape):
     cfg = resolve_config(next(s.config for s in stages if s.name == stage), world_size=1, check_files=False)
     torch.manual_seed(0)
     models = build_model_chunks(cfg, load_registry(cfg.data.language_table).num_experts)
-    model = wrap_ddp(models, on_gpu=False)
+    model = wrap_ddp(models, cfg, on_gpu=False)
     optimizer = build_optimizer(model, cfg.training, on_gpu=False)
     _init_adam_state(optimizer.optimizer)  # the moments (and step count) a trained run has
     for state in optimizer.optimizer.state.values():

@@ -76,7 +76,7 @@ def one_rank_model():
         data = TrainingData(cfg, load_registry())
     finally:
         os.chdir(cwd)
-    return cfg, data.micro_batches(0, 0, 1), wrap_ddp(build_model_chunks(cfg, 7), on_gpu=False)
+    return cfg, data.micro_batches(0, 0, 1), wrap_ddp(build_model_chunks(cfg, 7), cfg, on_gpu=False)
 
 
 def alternate(cfg, batch, model, variants, steps, warmup=20):

@@ -113,6 +113,10 @@ def test_more_layout_rules():
     assert "data.datasets[0].prefix: 'nowhere/x' is not a preprocessed dataset" in problems(
         ["data.datasets=[{prefix: nowhere/x}]"])
     assert "data.datasets[0].weight must be > 0" in problems(["data.datasets=[{prefix: runs/data/tiny_text, weight: 0}]"])
+    assert "parallel.ddp_bucket_size only applies with parallel.overlap_grad_reduce=true" in problems(
+        ["parallel.ddp_bucket_size=1000000"])
+    assert "parallel.ddp_bucket_size (0) must be positive" in problems(
+        ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=0"])
 
 
 def test_overrides_parse_yaml_values():

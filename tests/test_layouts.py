@@ -1,6 +1,7 @@
 """Layout equivalence: from the same initial weights (one checkpoint, loaded under each layout) the loss
 of several training steps is equal in fp32, within 1e-6 relative, for TP, EP (both token dispatchers),
-PP, interleaved PP, combined 4-process layouts, and other expert slot counts and placements. Every run is `medmoe train` in real processes."""
+PP, interleaved PP, combined 4-process layouts, gradients reduced during the backward pass, and other expert
+slot counts and placements. Every run is `medmoe train` in real processes."""
 import pytest
 
 from conftest import one_process_reference, read_metrics, run_medmoe, train_stage
@@ -17,6 +18,9 @@ LAYOUTS = {
     "pp2-interleaved": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
     "tp2xep2": ["parallel.tensor=2", "parallel.expert=2"],
     "pp2xep2": ["parallel.pipeline=2", "parallel.expert=2"],
+    # gradients reduced bucket by bucket during the backward pass, each model chunk's started by the schedule
+    "pp2-interleaved-xep2-overlap": ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.expert=2",
+                                     "parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=20000"],
     # checkpoints are keyed by expert: 7 slots load the 8-slot checkpoint; a shuffled placement trains the same
     "ep1-7-slots": ["moe.expert_slots=null"],
     "ep2-placement": ["parallel.expert=2", "moe.expert_placement=[3,6,0,7,1,4,2]"],
@@ -35,7 +39,10 @@ def test_same_losses_as_one_process(reference, name):
     root, expected = reference
     assert len(expected) == STEPS and expected[-1] < expected[0]
     out = root / name
-    run_medmoe(train_stage("cpt", *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}/cpt",
-                           "checkpoint.finetune=true", "checkpoint.save=null", f"logging.output_dir={out}"))
+    proc = run_medmoe(train_stage("cpt", *COMMON, *LAYOUTS[name], f"checkpoint.load={root / 'init'}/cpt",
+                                  "checkpoint.finetune=true", "checkpoint.save=null", f"logging.output_dir={out}"))
+    if "overlap" in name:
+        buckets = int(proc.stdout.split("gradients reduced in ")[1].split()[0])
+        assert buckets > 1, proc.stdout
     losses = [r["loss"] for r in read_metrics(out, "cpt")]
     assert losses == pytest.approx(expected, rel=1e-6, abs=0), f"{name}: {losses} vs {expected}"

@@ -215,3 +215,23 @@ def test_fp8_shortens_the_estimated_compute_by_the_gemm_share():
     attention = 512 / 7792
     assert fp8.compute_seconds == pytest.approx(bf16.compute_seconds * ((1 - attention) / 2 + attention))
     assert fp8.memory.weights > bf16.memory.weights  # TransformerEngine's FP8 weight copies
+
+
+def test_overlapped_gradient_reduction_hides_all_but_the_last_bucket():
+    from megatron_medmoe.plan.layouts import Machine, estimate
+
+    layout = ("training.global_batch_size=8", "parallel.expert=1", "moe.expert_slots=null")  # DP 2, 2 micro-batches
+    params = stage_params(small(*layout, world_size=2), 0, 7)
+    on_gpu = params.dense + params.experts  # experts too: expert-data-parallel 2
+    bucket = on_gpu // 4
+    off = small(*layout, world_size=2)
+    on = small(*layout, "parallel.overlap_grad_reduce=true", f"parallel.ddp_bucket_size={bucket}", world_size=2)
+    assert step_comm(on, 0, 7).dp_grads == 0.5 * on_gpu * 4  # fp32 gradients reduce-scattered over 2
+    for gbps in (1e-6, 1e6):  # the network slower than the backward pass, then much faster
+        machine = Machine(1, 2, 80e9, nvlink_gbps=gbps)
+        plain, overlapped = (estimate(c, machine, 7, [1 / 7] * 7, {}) for c in (off, on))
+        grads = 0.5 * on_gpu * 4 / (gbps * 1e9)
+        backward = plain.compute_seconds / 2 * 2 / 3  # the last of 2 micro-batches
+        hidden = min(grads * (1 - bucket / on_gpu), backward)
+        assert plain.comm_seconds["dp"] - overlapped.comm_seconds["dp"] == pytest.approx(hidden, rel=1e-9)
+        assert hidden == pytest.approx(backward if gbps < 1 else grads * (1 - bucket / on_gpu))

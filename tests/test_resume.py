@@ -206,3 +206,8 @@ def test_dp_reshardable_optimizer_state_names_the_layout_rule(tmp_path):
     assert proc.returncode == EXIT_INPUT
     assert "saved its optimizer state dp_reshardable under TP 2, PP 1, EP 1" in proc.stderr
     assert "checkpoint.optimizer_format=fully_reshardable" in proc.stderr
+    # the same sizes, but its state laid out in the buckets of parallel.overlap_grad_reduce
+    state["train_state"]["layout"].update(tensor=1, grad_buckets="default")
+    torch.save(state, common)
+    proc = run_medmoe(args(tmp_path, "parallel.expert=1", "moe.expert_slots=null", steps=2), check=False)
+    assert proc.returncode == EXIT_INPUT and "gradient buckets default: that state only loads" in proc.stderr

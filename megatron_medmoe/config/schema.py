@@ -65,6 +65,11 @@ class ParallelConfig:
     sequence_parallel: Optional[bool] = None  # null: on whenever tensor > 1 (MoE with TP requires it)
     # gloo on CPU; nccl when GPUs are present
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # reduce the gradients bucket by bucket while the step's last micro-batch runs its backward pass, instead of
+    # all at once after it (Megatron-LM's --overlap-grad-reduce)
+    overlap_grad_reduce: bool = False
+    # parameters per gradient bucket with overlap_grad_reduce; null: megatron-core's max(40M, 1M x data size)
+    ddp_bucket_size: Optional[int] = None
 
 
 @dataclass

@@ -138,6 +138,10 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
         need(tp > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
         need(data.seq_length % tp == 0,
              f"data.seq_length ({data.seq_length}) must be divisible by parallel.tensor ({tp}) under sequence parallelism")
+    if par.ddp_bucket_size is not None:
+        need(par.overlap_grad_reduce, "parallel.ddp_bucket_size only applies with parallel.overlap_grad_reduce=true "
+                                      "(without it the gradients are reduced in one piece)")
+        need(par.ddp_bucket_size > 0, f"parallel.ddp_bucket_size ({par.ddp_bucket_size}) must be positive")
     chunks = pp * (par.virtual_pipeline or 1)
     need(m.num_layers % chunks == 0,
          f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline ({chunks})")

@@ -13,7 +13,8 @@ per step, L_s decoder layers on the GPU's stage, s b tokens per micro-batch, hid
   recomputation) of the k token copies of the GPU's s b / t tokens; with expert tensor parallelism the
   copies are also gathered and scattered over the expert-tensor group, as many times.
 - DP: the distributed optimizer reduce-scatters the fp32 gradients and all-gathers the updated bf16 weights,
-  over the data-parallel group (expert weights over the expert-data-parallel group).
+  over the data-parallel group (expert weights over the expert-data-parallel group); `dp_grads` is the
+  gradients' part (what parallel.overlap_grad_reduce can hide behind the backward pass).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class StepComm:
     pp: float
     ep: float
     dp: float
+    dp_grads: float = 0.0  # of dp: the gradient reduce-scatter
 
     @property
     def total(self) -> float:
@@ -75,7 +77,6 @@ def step_comm(cfg: RunConfig, stage: int, num_experts: int, recompute: Optional[
     params = stage_params(cfg, stage, num_experts)
     expert_dp = t * dp // (e * et)
     grad_bytes, weight_bytes = 4.0, (2.0 if tr.precision == "bf16" else 4.0)
-    dpv = ring(dp) * params.dense * (grad_bytes + weight_bytes) if dp > 1 else 0.0
-    if expert_dp > 1:
-        dpv += ring(expert_dp) * params.experts * (grad_bytes + weight_bytes)
-    return StepComm(float(tp), float(pp), float(ep), float(dpv))
+    reduced = ring(dp) * params.dense + ring(expert_dp) * params.experts  # elements each GPU sends
+    return StepComm(float(tp), float(pp), float(ep), float(reduced * (grad_bytes + weight_bytes)),
+                    float(reduced * grad_bytes))

@@ -8,8 +8,10 @@ must pass the same validation as `medmoe train` (config/validate.py). For each, 
 - compute: the step's model FLOPs per GPU at `efficiency` x the GPU's bf16 peak (with fp8.format, the GEMMs
   at twice that; attention's scores and values stay bf16), x 4/3 with full recomputation, the expert share
   scaled by the busiest expert rank's load, plus the 1F1B bubble (p - 1) / (v M);
-- communication not overlapped with compute, at NVLink bandwidth inside a node and the network's between
-  nodes (ranks are ordered tensor, expert, data, pipeline, as megatron-core does).
+- communication at NVLink bandwidth inside a node and the network's between nodes (ranks are ordered tensor,
+  expert, data, pipeline, as megatron-core does), not overlapped with compute, except with
+  parallel.overlap_grad_reduce the gradient reduction: it runs during the last micro-batch's backward pass
+  (2/3 of that micro-batch's compute), all but its last bucket (the first layers' gradients, ready last).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 from ..config import ConfigError, RunConfig, resolve_config
 from ..training.flops import flops_per_token
 from .comm import StepComm, step_comm
-from .memory import GiB, StageMemory, is_moe_layer, peak_memory
+from .memory import GiB, StageMemory, is_moe_layer, peak_memory, stage_params
 from .placement import Placement, balance_experts, expert_loads
 
 RECOMPUTE = (None, "selective", "full")
@@ -130,7 +132,7 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
     by_recompute = {r or "none": peak_memory(cfg, num_experts, r, share) for r in RECOMPUTE}
     recompute = next((r for r in RECOMPUTE if by_recompute[r or "none"].total <= usable), "full")
     memory = by_recompute[recompute or "none"]
-    comm = max((step_comm(cfg, s, num_experts, recompute) for s in range(p)), key=lambda c: c.total)
+    stage, comm = max(((s, step_comm(cfg, s, num_experts, recompute)) for s in range(p)), key=lambda sc: sc[1].total)
 
     tokens = tr.global_batch_size * cfg.data.seq_length
     step_flops = flops_per_token(cfg, num_experts) * tokens / machine.world
@@ -148,6 +150,9 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
         "ep": comm.ep / _bandwidth(et * e, machine),
         "dp": comm.dp / _bandwidth(t * dp, machine),
     }
+    if par.overlap_grad_reduce:
+        seconds["dp"] -= _hidden_grad_seconds(cfg, stage, num_experts, comm.dp_grads / _bandwidth(t * dp, machine),
+                                              backward=compute / n_micro * 2 / 3)
     step = compute * (1 + bubble) + sum(seconds.values())
     overrides = [f"parallel.tensor={t}", f"parallel.pipeline={p}"]
     if par.virtual_pipeline:
@@ -164,6 +169,15 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
                      bool(par.sequence_parallel), recompute, memory,
                      {k: v.total for k, v in by_recompute.items()}, comm, seconds, compute, bubble, step,
                      tokens / step / machine.world, memory.total <= usable, placement, overrides)
+
+
+def _hidden_grad_seconds(cfg: RunConfig, stage: int, num_experts: int, grads: float, backward: float) -> float:
+    """Of the `grads` seconds of gradient reduction, what overlap_grad_reduce hides behind the `backward`
+    seconds of the last micro-batch: all but the last bucket's share, at most the backward pass."""
+    params = stage_params(cfg, stage, num_experts)
+    bucket = cfg.parallel.ddp_bucket_size or max(40_000_000, 1_000_000 * cfg.parallel.data)  # megatron-core's
+    last_bucket = grads * min(1.0, bucket / max(params.dense + params.experts, 1))
+    return grads - max(grads - backward, last_bucket)
 
 
 def _attention_flops_share(cfg: RunConfig, num_experts: int) -> float:

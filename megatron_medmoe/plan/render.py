@@ -10,7 +10,8 @@ from .placement import expert_loads
 ASSUMPTIONS = ("memory: weights in the training precision, fp32 gradient buffer, distributed optimizer (fp32 main "
                "weights + Adam moments over the data-parallel group), activations of the micro-batches 1F1B holds, "
                "logits on the last stage; {reserve:.0f} GiB a GPU kept for CUDA, NCCL and the allocator. time: "
-               "model FLOPs at {eff:.0%} of {peak:.0f} TFLOP/s (FP8 GEMMs twice that), communication not overlapped, {nv:.0f} GB/s "
+               "model FLOPs at {eff:.0%} of {peak:.0f} TFLOP/s (FP8 GEMMs twice that), communication not overlapped (but with "
+               "parallel.overlap_grad_reduce the gradient reduction, during the last micro-batch's backward pass), {nv:.0f} GB/s "
                "per GPU in a node, {net:.0f} GB/s between nodes.")
 
 

@@ -47,9 +47,12 @@ class TrainState:
 
 def current_layout(cfg: RunConfig, on_gpu: bool) -> dict:
     par = cfg.parallel
-    return {"tensor": par.tensor, "pipeline": par.pipeline, "virtual_pipeline": par.virtual_pipeline,
-            "expert": par.expert, "expert_tensor": par.expert_tensor, "world": dist.get_world_size(),
-            "optimizer": ("distributed:" + cfg.checkpoint.optimizer_format) if on_gpu else "adamw"}
+    layout = {"tensor": par.tensor, "pipeline": par.pipeline, "virtual_pipeline": par.virtual_pipeline,
+              "expert": par.expert, "expert_tensor": par.expert_tensor, "world": dist.get_world_size(),
+              "optimizer": ("distributed:" + cfg.checkpoint.optimizer_format) if on_gpu else "adamw"}
+    if on_gpu:  # the distributed optimizer's dp_reshardable state is laid out by gradient bucket
+        layout["grad_buckets"] = (par.ddp_bucket_size or "default") if par.overlap_grad_reduce else "one"
+    return layout
 
 
 # every layer under its own key (decoder.layers.N.*), dense models too: megatron-core would otherwise stack
@@ -170,8 +173,10 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
         if saved.layout.get("optimizer", "").endswith("dp_reshardable") and not _same_model_layout(saved.layout, layout):
             raise CheckpointError(
                 f"{path} saved its optimizer state dp_reshardable under TP {saved.layout['tensor']}, PP "
-                f"{saved.layout['pipeline']}, EP {saved.layout['expert']}: that state only loads under the same "
-                "tensor, pipeline and expert parallel sizes. Resume with that layout, or load the weights only "
+                f"{saved.layout['pipeline']}, EP {saved.layout['expert']}, gradient buckets "
+                f"{saved.layout.get('grad_buckets', 'one')}: that state only loads under the same tensor, pipeline "
+                "and expert parallel sizes and the same parallel.overlap_grad_reduce / parallel.ddp_bucket_size. "
+                "Resume with that layout, or load the weights only "
                 "(checkpoint.finetune=true), or save with checkpoint.optimizer_format=fully_reshardable")
         sharded["optimizer"] = _optimizer_state(optimizer, model_state, cfg, is_loading=True, on_gpu=on_gpu)
     if same_layout:
@@ -217,4 +222,4 @@ def _without_absent_extra_state(model_state: dict, path: str) -> dict:
 
 def _same_model_layout(a: dict, b: dict) -> bool:
     keys = ("tensor", "pipeline", "virtual_pipeline", "expert", "expert_tensor")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in keys) and a.get("grad_buckets", "one") == b.get("grad_buckets", "one")

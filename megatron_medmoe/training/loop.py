@@ -34,13 +34,23 @@ from .signals import StopRequest
 from .step import make_forward_step, sum_reports
 
 
-def wrap_ddp(chunks, on_gpu: bool):
+def wrap_ddp(chunks, cfg: RunConfig, on_gpu: bool):
+    """megatron-core's DDP around each model chunk, wired into its schedules as Megatron-LM does: gradients are
+    reduced after the step's last micro-batch (no_sync before it); with parallel.overlap_grad_reduce, bucket by
+    bucket as their gradients are ready, each chunk's started by the pipeline schedule (grad_sync_func)."""
     config = chunks[0].config
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=on_gpu)
+    par = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+                                               bucket_size=par.ddp_bucket_size, use_distributed_optimizer=on_gpu)
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                        disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
-    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+
+    def per_chunk(funcs):
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    config.no_sync_func = per_chunk([m.no_sync for m in wrapped])
+    if par.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk([m.start_grad_sync for m in wrapped])
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
 
@@ -94,7 +104,7 @@ def _train(cfg: RunConfig) -> int:
     registry = load_registry(data.language_table)
     models = build_model_chunks(cfg, registry.num_experts)
     chunks = [Float16Module(m.config, m) for m in models] if tr.precision == "bf16" else models
-    model = wrap_ddp(chunks, on_gpu)
+    model = wrap_ddp(chunks, cfg, on_gpu)
     optimizer = build_optimizer(model, tr, on_gpu)
     scheduler = build_scheduler(optimizer, tr)
     state, resumed = _start(cfg, models, optimizer, scheduler, on_gpu)
@@ -118,6 +128,10 @@ def _train(cfg: RunConfig) -> int:
     say(f"training steps {state.iteration + 1}-{tr.train_steps} on {dist.get_world_size()} ranks (TP "
         f"{cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, EP {cfg.parallel.expert}, DP {dp_size}); "
         f"{sum(p.numel() for m in models for p in m.parameters()):,} parameters on rank 0")
+    if cfg.parallel.overlap_grad_reduce:
+        buckets = sum(len(g.buckets) for m in model for g in m.bucket_groups + m.expert_parallel_bucket_groups)
+        say(f"gradients reduced in {buckets} buckets on rank 0, each as soon as the last micro-batch's backward "
+            "pass has produced it (parallel.overlap_grad_reduce)")
 
     def save() -> Optional[str]:
         if not cfg.checkpoint.save:

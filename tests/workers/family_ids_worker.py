@@ -75,7 +75,7 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     chunks = build_model_chunks(cfg, 7)
-    model = wrap_ddp(chunks, on_gpu=False)
+    model = wrap_ddp(chunks, cfg, on_gpu=False)
     seq = cfg.data.seq_length
     calls = []
     select = routing.select_experts
