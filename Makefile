@@ -33,7 +33,7 @@ system-deps:
 	else echo "not root or no apt-get: the Slurm and MPI tests will skip"; fi
 
 test: setup system-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 benchmarks: setup
 	$(PY) benchmarks/step_time.py

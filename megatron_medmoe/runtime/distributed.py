@@ -43,6 +43,9 @@ def initialize_distributed(cfg: RunConfig, env: DistEnv, timeout_minutes: int = 
         expert_model_parallel_size=par.expert,
         expert_tensor_parallel_size=par.expert_tensor,
         distributed_timeout_minutes=timeout_minutes,
+        # megatron-core's gloo copies of its groups serve the GPU distributed optimizer; on gloo they would
+        # only duplicate the groups themselves (a rendezvous each at start)
+        create_gloo_process_groups=backend != "gloo",
     )
     set_seeds(cfg.training.seed)
 
