@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, TINY, cpu_env, read_metrics, run_medmoe, tiny_config, train_stage
 from megatron_medmoe.runtime.exit_codes import EXIT_INPUT, EXIT_REQUEUE
+from megatron_medmoe.training.checkpoint import _same_model_layout
 from megatron_medmoe.training.optimizer import build_scheduler
 
 FAULTS = str(REPO / "tests" / "faults")
@@ -204,10 +205,12 @@ def test_dp_reshardable_optimizer_state_names_the_layout_rule(tmp_path):
     torch.save(state, common)
     proc = run_medmoe(args(tmp_path, "parallel.expert=1", "moe.expert_slots=null", steps=2), check=False)
     assert proc.returncode == EXIT_INPUT
-    assert "saved its optimizer state dp_reshardable under TP 2, PP 1, EP 1" in proc.stderr
+    assert "saved its optimizer state dp_reshardable under TP 2, PP 1, EP 1, gradient buckets one" in proc.stderr
     assert "checkpoint.optimizer_format=fully_reshardable" in proc.stderr
-    # the same sizes, but its state laid out in the buckets of parallel.overlap_grad_reduce
-    state["train_state"]["layout"].update(tensor=1, grad_buckets="default")
-    torch.save(state, common)
-    proc = run_medmoe(args(tmp_path, "parallel.expert=1", "moe.expert_slots=null", steps=2), check=False)
-    assert proc.returncode == EXIT_INPUT and "gradient buckets default: that state only loads" in proc.stderr
+
+    # the same sizes but another bucket layout (parallel.overlap_grad_reduce / ddp_bucket_size) does not fit either;
+    # checkpoints without the field (CPU, or saved before it existed) had one bucket
+    layout = {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "expert": 1, "expert_tensor": 1}
+    assert _same_model_layout(layout, {**layout, "grad_buckets": "one"})
+    assert not _same_model_layout({**layout, "grad_buckets": "default"}, {**layout, "grad_buckets": "one"})
+    assert not _same_model_layout({**layout, "grad_buckets": 20000}, {**layout, "grad_buckets": "default"})

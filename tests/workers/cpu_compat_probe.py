@@ -2,9 +2,12 @@
 
     python cpu_compat_probe.py all          every redirect applied; every probe runs
     python cpu_compat_probe.py skip NAME    every redirect but NAME applied; only NAME's probe runs
+    python cpu_compat_probe.py each A B ... the above for A, B, ... ("all" or a redirect's name), each in a
+                                            process forked after megatron-core's import (it costs seconds)
 
 Prints one JSON object, probe name -> outcome ("ok" or the exception type), so the test can tell
-"still needed" (its probe fails without it) from "works" (ok with all of them).
+"still needed" (its probe fails without it) from "works" (ok with all of them); `each` prints one object
+with an entry per mode.
 """
 import inspect
 import json
@@ -114,5 +117,40 @@ def main(mode, skip=None):
     print(json.dumps(report))
 
 
+def each(modes):
+    """Run the modes in forked copies of this process, megatron-core imported (with the deferral every mode
+    starts with) but no redirect applied yet, as in a fresh process."""
+    import tempfile
+
+    from megatron_medmoe.runtime import cpu_compat
+
+    cpu_compat.import_megatron_core_deferring_compile()
+    out_dir = tempfile.mkdtemp()
+    children = {}
+    for mode in modes:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with open(os.path.join(out_dir, mode), "w") as out:
+                    sys.stdout = out
+                    main("all") if mode == "all" else main("skip", mode)
+                code = 0
+            finally:
+                os._exit(code)
+        children[mode] = pid
+    reports = {}
+    for mode, pid in children.items():
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"probe {mode} failed (exit status {os.waitstatus_to_exitcode(status)})")
+        with open(os.path.join(out_dir, mode)) as f:
+            reports[mode] = json.loads(f.read().strip().splitlines()[-1])
+    print(json.dumps(reports))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    if sys.argv[1] == "each":
+        each(sys.argv[2:])
+    else:
+        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
