@@ -214,6 +214,9 @@ def test_fp8_shortens_the_estimated_compute_by_the_gemm_share():
     # router 112 + 2 experts x 1536 + output layer 16 x 64 = 7792, of which scores and values (512) stay bf16
     attention = 512 / 7792
     assert fp8.compute_seconds == pytest.approx(bf16.compute_seconds * ((1 - attention) / 2 + attention))
+    # one GPU, nothing to communicate, no bubble: the expected MFU is the assumed efficiency, FP8's against bf16's peak
+    assert bf16.mfu == pytest.approx(machine.efficiency)
+    assert fp8.mfu == pytest.approx(machine.efficiency / ((1 - attention) / 2 + attention))
     assert fp8.memory.weights > bf16.memory.weights  # TransformerEngine's FP8 weight copies
 
 

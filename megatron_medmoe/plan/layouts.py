@@ -65,6 +65,7 @@ class Candidate:
     bubble: float
     step_seconds: float
     tokens_per_s_per_gpu: float
+    mfu: float  # model FLOPs per GPU per estimated step / the GPU's bf16 peak (FP8 counted against it too)
     fits: bool
     placement: Optional[Placement] = None
     overrides: List[str] = field(default_factory=list)
@@ -72,7 +73,7 @@ class Candidate:
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in ("tensor", "pipeline", "virtual_pipeline", "expert", "expert_tensor", "data", "micro_batch",
                                              "expert_slots", "sequence_parallel", "recompute", "bubble",
-                                             "compute_seconds", "step_seconds", "tokens_per_s_per_gpu", "fits",
+                                             "compute_seconds", "step_seconds", "tokens_per_s_per_gpu", "mfu", "fits",
                                              "overrides", "memory_by_recompute", "comm_seconds")}
         out["memory"] = self.memory.as_dict()
         out["comm_bytes"] = self.comm.as_dict()
@@ -168,7 +169,8 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
     return Candidate(t, p, par.virtual_pipeline, e, et, dp, tr.micro_batch_size, cfg.moe.expert_slots if moe else None,
                      bool(par.sequence_parallel), recompute, memory,
                      {k: v.total for k, v in by_recompute.items()}, comm, seconds, compute, bubble, step,
-                     tokens / step / machine.world, memory.total <= usable, placement, overrides)
+                     tokens / step / machine.world, step_flops / step / (machine.peak_tflops * 1e12),
+                     memory.total <= usable, placement, overrides)
 
 
 def _hidden_grad_seconds(cfg: RunConfig, stage: int, num_experts: int, grads: float, backward: float) -> float:

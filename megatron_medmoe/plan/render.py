@@ -30,7 +30,7 @@ def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machin
              f"GPUs, {machine.gpu_memory / 1e9:g} GB each: {len(fitting)} of {len(candidates)} valid layouts fit",
              ""]
     header = ("TP", "PP", "VP", "EP", "ETP", "DP", "mbs", "recompute", "weights", "grads", "optim", "activ", "logits",
-              "total GiB", "no-recomp GiB", "TP GB", "PP GB", "EP GB", "DP GB", "step s", "tok/s/GPU")
+              "total GiB", "no-recomp GiB", "TP GB", "PP GB", "EP GB", "DP GB", "step s", "tok/s/GPU", "MFU")
     rows = []
     for c in (fitting or candidates)[:top]:
         mem = c.memory
@@ -38,7 +38,7 @@ def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machin
                      _gib(mem.weights), _gib(mem.gradients), _gib(mem.optimizer), _gib(mem.activations),
                      _gib(mem.logits), _gib(mem.total), _gib(c.memory_by_recompute["none"]), _gb(c.comm.tp),
                      _gb(c.comm.pp), _gb(c.comm.ep), _gb(c.comm.dp), f"{c.step_seconds:.2f}",
-                     f"{c.tokens_per_s_per_gpu:,.0f}"))
+                     f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu:.0%}"))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines.append("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in rows]
