@@ -202,6 +202,13 @@ def test_plan_command_table_and_bad_input(capsys, monkeypatch):
     code, out, _ = plan(capsys, "--recipe", "examples/tiny.yaml", "--nodes", "1", "--gpus-per-node", "2",
                         "--gpu-memory", "1MB")
     assert code == 0 and "none fits in 0.001 GB (smallest shown)" in out
+    # a GPU model brings its memory, peak and NVLink; one without FP8 tensor cores refuses an FP8 recipe
+    code, out, _ = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                        "--mix", "en=1", "--gpu", "h200", "--json")
+    assert code == 0 and json.loads(out)["gpu_memory_bytes"] == 141e9 and json.loads(out)["gpu"] == "NVIDIA H200 SXM"
+    code, out, err = plan(capsys, "--recipe", "examples/apollomoe-0.5b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                          "--mix", "en=1", "--gpu", "a100", "fp8.format=e4m3")
+    assert code == 2 and "A100 SXM 80GB (compute capability 8.0) has no FP8 tensor cores" in err and out == ""
 
 
 def test_fp8_shortens_the_estimated_compute_by_the_gemm_share():

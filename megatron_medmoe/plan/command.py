@@ -21,6 +21,15 @@ def parse_memory(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
+# --gpu: one GPU's memory (GB), dense bf16 TFLOP/s, NVLink bus bandwidth per GPU (GB/s), compute capability
+GPUS = {
+    "h100": ("NVIDIA H100 SXM", 80, 989.0, 360.0, (9, 0)),
+    "h200": ("NVIDIA H200 SXM", 141, 989.0, 360.0, (9, 0)),
+    "a100": ("NVIDIA A100 SXM 80GB", 80, 312.0, 230.0, (8, 0)),
+    "l40s": ("NVIDIA L40S", 48, 362.0, 25.0, (8, 9)),  # no NVLink: PCIe
+}
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -43,13 +52,17 @@ def add_plan_parser(commands) -> None:
     plan.add_argument("--stage", help="the recipe stage whose data mix is used (default: the first)")
     plan.add_argument("--nodes", type=_positive, required=True, help="nodes")
     plan.add_argument("--gpus-per-node", type=_positive, required=True, help="GPUs per node")
-    plan.add_argument("--gpu-memory", type=parse_memory, default=parse_memory("80GB"),
-                      help="memory of one GPU (default 80GB; 80GiB, 141GB, ...)")
-    plan.add_argument("--peak-tflops", type=float, default=989.0,
-                      help="dense bf16 TFLOP/s of one GPU (default 989, H100 SXM)")
+    plan.add_argument("--gpu", choices=sorted(GPUS), default="h100",
+                      help="the GPU model: its memory, bf16 peak, NVLink bandwidth and whether it has FP8 (default "
+                           "h100); the options below override single figures")
+    plan.add_argument("--gpu-memory", type=parse_memory,
+                      help="memory of one GPU (default: the --gpu's, 80GB for h100; 80GiB, 141GB, ...)")
+    plan.add_argument("--peak-tflops", type=float,
+                      help="dense bf16 TFLOP/s of one GPU (default: the --gpu's, 989 for h100)")
     plan.add_argument("--efficiency", type=float, default=0.5,
                       help="share of the peak the matrix math reaches, for the step-time estimate (default 0.5)")
-    plan.add_argument("--nvlink-gbps", type=float, default=360.0, help="GB/s per GPU inside a node (default 360)")
+    plan.add_argument("--nvlink-gbps", type=float,
+                      help="GB/s per GPU inside a node (default: the --gpu's, 360 for h100)")
     plan.add_argument("--network-gbps", type=float, default=45.0, help="GB/s per GPU between nodes (default 45)")
     plan.add_argument("--mix", nargs="+", metavar="NAME=AMOUNT",
                       help="expected tokens per language code or family (e.g. en=1.08e9 zh=7.8e8 ...) instead of "
@@ -64,6 +77,7 @@ def _plan(args) -> int:
     from ..config import ConfigError, load_stages
     from ..config.validate import dataset_vocab_size
     from ..languages import LanguageTableError, load_registry
+    from ..model.backend import fp8_device_problem
     from .layouts import Machine, plan_layouts
     from .mix import MixError, shares_from_data, shares_from_mix
     from .render import render_table, to_json
@@ -85,8 +99,16 @@ def _plan(args) -> int:
             if cfg.model.vocab_size is None:
                 raise ConfigError(["model.vocab_size is null and the recipe's first dataset is not there to say "
                                    "it: set model.vocab_size=N"], args.recipe)
-        machine = Machine(args.nodes, args.gpus_per_node, args.gpu_memory, args.peak_tflops, args.efficiency,
-                          args.nvlink_gbps, args.network_gbps)
+        gpu_name, memory_gb, peak, nvlink, capability = GPUS[args.gpu]
+        if cfg.fp8.format is not None:
+            problem = fp8_device_problem(cfg.fp8.recipe, gpu_name, capability)
+            if problem:
+                raise ConfigError([f"fp8.format={cfg.fp8.format}: {problem}"], args.recipe)
+        machine = Machine(args.nodes, args.gpus_per_node,
+                          args.gpu_memory if args.gpu_memory is not None else memory_gb * 1e9,
+                          args.peak_tflops if args.peak_tflops is not None else peak, args.efficiency,
+                          args.nvlink_gbps if args.nvlink_gbps is not None else nvlink, args.network_gbps,
+                          gpu=gpu_name)
     except (ConfigError, LanguageTableError) as e:
         print(f"medmoe plan: {e}", file=sys.stderr)
         return EXIT_CONFIG

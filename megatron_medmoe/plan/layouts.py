@@ -39,6 +39,7 @@ class Machine:
     nvlink_gbps: float = 360.0  # GB/s per GPU inside a node (NCCL bus bandwidth)
     network_gbps: float = 45.0  # GB/s per GPU between nodes (one 400 Gb/s NIC per GPU)
     reserve: float = 2 * GiB  # CUDA context, NCCL and allocator slack kept free on every GPU
+    gpu: str = "GPU"  # its name, for the reader
 
     @property
     def world(self) -> int:

@@ -27,7 +27,7 @@ def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machin
                  cfg) -> str:
     fitting = [c for c in candidates if c.fits]
     lines = [f"{recipe}{f' (stage {stage})' if stage else ''} on {machine.nodes} node(s) x {machine.gpus_per_node} "
-             f"GPUs, {machine.gpu_memory / 1e9:g} GB each: {len(fitting)} of {len(candidates)} valid layouts fit",
+             f"{machine.gpu}, {machine.gpu_memory / 1e9:g} GB each: {len(fitting)} of {len(candidates)} valid layouts fit",
              ""]
     header = ("TP", "PP", "VP", "EP", "ETP", "DP", "mbs", "recompute", "weights", "grads", "optim", "activ", "logits",
               "total GiB", "no-recomp GiB", "TP GB", "PP GB", "EP GB", "DP GB", "step s", "tok/s/GPU", "MFU")
@@ -86,7 +86,7 @@ def _assumptions(machine) -> str:
 
 def to_json(candidates: List[Candidate], *, recipe, stage, machine, shares, share_source, registry, cfg) -> dict:
     return {
-        "recipe": recipe, "stage": stage, "nodes": machine.nodes, "gpus_per_node": machine.gpus_per_node,
+        "recipe": recipe, "stage": stage, "nodes": machine.nodes, "gpus_per_node": machine.gpus_per_node, "gpu": machine.gpu,
         "gpu_memory_bytes": machine.gpu_memory, "usable_bytes": machine.gpu_memory - machine.reserve,
         "family_shares": {registry.experts[i]: s for i, s in enumerate(shares)} if cfg.moe.moe_last_n else {},
         "share_source": share_source, "assumptions": _assumptions(machine),
