@@ -7,6 +7,7 @@ import pytest
 
 from conftest import REPO, TINY, run_medmoe
 from megatron_medmoe.config import load_config, load_stages, resolve_config
+from megatron_medmoe.config.validate import grad_bucket_size
 from megatron_medmoe.languages import load_registry
 from megatron_medmoe.plan.comm import step_comm
 from megatron_medmoe.plan.memory import stage_memory, stage_params
@@ -237,6 +238,8 @@ def test_overlapped_gradient_reduction_hides_all_but_the_last_bucket():
     off = small(*layout, world_size=2)
     on = small(*layout, "parallel.overlap_grad_reduce=true", f"parallel.ddp_bucket_size={bucket}", world_size=2)
     assert step_comm(on, 0, 7).dp_grads == 0.5 * on_gpu * 4  # fp32 gradients reduce-scattered over 2
+    assert grad_bucket_size(off.parallel) is None  # one bucket, after the backward pass
+    assert grad_bucket_size(small(*layout, "parallel.overlap_grad_reduce=true", world_size=2).parallel) == 40_000_000
     for gbps in (1e-6, 1e6):  # the network slower than the backward pass, then much faster
         machine = Machine(1, 2, 80e9, nvlink_gbps=gbps)
         plain, overlapped = (estimate(c, machine, 7, [1 / 7] * 7, {}) for c in (off, on))

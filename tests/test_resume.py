@@ -212,5 +212,5 @@ def test_dp_reshardable_optimizer_state_names_the_layout_rule(tmp_path):
     # checkpoints without the field (CPU, or saved before it existed) had one bucket
     layout = {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "expert": 1, "expert_tensor": 1}
     assert _same_model_layout(layout, {**layout, "grad_buckets": "one"})
-    assert not _same_model_layout({**layout, "grad_buckets": "default"}, {**layout, "grad_buckets": "one"})
-    assert not _same_model_layout({**layout, "grad_buckets": 20000}, {**layout, "grad_buckets": "default"})
+    assert not _same_model_layout({**layout, "grad_buckets": 40_000_000}, {**layout, "grad_buckets": "one"})
+    assert not _same_model_layout({**layout, "grad_buckets": 20000}, {**layout, "grad_buckets": 40_000_000})

@@ -26,6 +26,14 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     return int(math.ceil(vocab_size / divisible_by) * divisible_by)
 
 
+def grad_bucket_size(par) -> Optional[int]:
+    """Parameters per gradient bucket of a resolved layout: None (one bucket) without overlap_grad_reduce, else
+    parallel.ddp_bucket_size or megatron-core's default for the data-parallel size."""
+    if not par.overlap_grad_reduce:
+        return None
+    return par.ddp_bucket_size or max(40_000_000, 1_000_000 * par.data)
+
+
 def smallest_data_parallel(tensor: int, expert: int, expert_tensor: int) -> int:
     """The smallest data-parallel size for which the expert grid (expert_tensor x expert) tiles the
     dense grid (tensor x data) of each pipeline stage, as megatron-core requires."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from ..config import ConfigError, RunConfig, resolve_config
+from ..config.validate import grad_bucket_size
 from ..training.flops import flops_per_token
 from .comm import StepComm, step_comm
 from .memory import GiB, StageMemory, is_moe_layer, peak_memory, stage_params
@@ -178,8 +179,7 @@ def _hidden_grad_seconds(cfg: RunConfig, stage: int, num_experts: int, grads: fl
     """Of the `grads` seconds of gradient reduction, what overlap_grad_reduce hides behind the `backward`
     seconds of the last micro-batch: all but the last bucket's share, at most the backward pass."""
     params = stage_params(cfg, stage, num_experts)
-    bucket = cfg.parallel.ddp_bucket_size or max(40_000_000, 1_000_000 * cfg.parallel.data)  # megatron-core's
-    last_bucket = grads * min(1.0, bucket / max(params.dense + params.experts, 1))
+    last_bucket = grads * min(1.0, grad_bucket_size(cfg.parallel) / max(params.dense + params.experts, 1))
     return grads - max(grads - backward, last_bucket)
 
 

@@ -30,6 +30,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..config import RunConfig, dump_config
+from ..config.validate import grad_bucket_size
 from ..model.experts import SlottedSequentialMLP
 from .checkpoint_paths import LATEST, _ITER_DIR, CheckpointError, find_checkpoint, iteration_dir, latest_iteration
 from .optimizer import schedule_changes
@@ -51,7 +52,7 @@ def current_layout(cfg: RunConfig, on_gpu: bool) -> dict:
               "expert": par.expert, "expert_tensor": par.expert_tensor, "world": dist.get_world_size(),
               "optimizer": ("distributed:" + cfg.checkpoint.optimizer_format) if on_gpu else "adamw"}
     if on_gpu:  # the distributed optimizer's dp_reshardable state is laid out by gradient bucket
-        layout["grad_buckets"] = (par.ddp_bucket_size or "default") if par.overlap_grad_reduce else "one"
+        layout["grad_buckets"] = grad_bucket_size(par) or "one"
     return layout
 
 
