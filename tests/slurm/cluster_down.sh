@@ -12,6 +12,14 @@ done
 for p in $(pgrep -x slurmstepd || true); do
   case "$(readlink "/proc/$p/cwd" 2>/dev/null)" in "$DIR"/*) pids="$pids $p";; esac
 done
+# processes of this cluster's jobs that outlived them: proctrack/linuxproc follows the process tree, so a
+# child (megatron-core's checkpoint-writer manager) whose rank was killed at a requeue escapes it
+cluster=$(sed -n 's/^ClusterName=//p' "$SLURM_CONF")
+for f in /proc/[0-9]*/environ; do
+  if [ -n "$cluster" ] && grep -qxz "SLURM_CLUSTER_NAME=$cluster" "$f" 2>/dev/null; then
+    p=${f#/proc/}; pids="$pids ${p%/environ}"
+  fi
+done
 [ -n "$pids" ] && kill $pids 2>/dev/null
 alive=""
 for _ in $(seq 50); do
