@@ -137,7 +137,8 @@ class LoggingConfig:
     tensorboard: bool = False  # event files under OUTPUT_DIR/tensorboard
     wandb: bool = False  # Weights & Biases: offline (OUTPUT_DIR/wandb) unless WANDB_API_KEY is set
     wandb_project: str = "megatron-medmoe"
-    # peak dense TFLOP/s of one device for MFU; null: known for H100/H200 (bf16 989, fp8 1979), else no MFU
+    # peak dense TFLOP/s of one device for MFU; null: the bf16 figure of a known GPU (H100, H200, A100, L40S:
+    # runtime/gpus.py) in bf16 training, else no MFU
     peak_tflops: Optional[float] = None
 
 

@@ -8,6 +8,7 @@ import re
 import sys
 
 from ..runtime.exit_codes import EXIT_CONFIG, EXIT_INPUT, EXIT_OK
+from ..runtime.gpus import GPUS
 from .memory import GiB
 
 _UNITS = {"": 1e9, "gb": 1e9, "g": 1e9, "gib": GiB, "tb": 1e12, "tib": 1024 * GiB, "mb": 1e6, "mib": 1024 ** 2}
@@ -19,15 +20,6 @@ def parse_memory(text: str) -> float:
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 80GB, 80GiB or 141 (GB)")
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-# --gpu: one GPU's memory (GB), dense bf16 TFLOP/s, NVLink bus bandwidth per GPU (GB/s), compute capability
-GPUS = {
-    "h100": ("NVIDIA H100 SXM", 80, 989.0, 360.0, (9, 0)),
-    "h200": ("NVIDIA H200 SXM", 141, 989.0, 360.0, (9, 0)),
-    "a100": ("NVIDIA A100 SXM 80GB", 80, 312.0, 230.0, (8, 0)),
-    "l40s": ("NVIDIA L40S", 48, 362.0, 25.0, (8, 9)),  # no NVLink: PCIe
-}
 
 
 def _positive(text: str) -> int:
@@ -99,16 +91,16 @@ def _plan(args) -> int:
             if cfg.model.vocab_size is None:
                 raise ConfigError(["model.vocab_size is null and the recipe's first dataset is not there to say "
                                    "it: set model.vocab_size=N"], args.recipe)
-        gpu_name, memory_gb, peak, nvlink, capability = GPUS[args.gpu]
+        gpu = GPUS[args.gpu]
         if cfg.fp8.format is not None:
-            problem = fp8_device_problem(cfg.fp8.recipe, gpu_name, capability)
+            problem = fp8_device_problem(cfg.fp8.recipe, gpu.name, gpu.capability)
             if problem:
                 raise ConfigError([f"fp8.format={cfg.fp8.format}: {problem}"], args.recipe)
         machine = Machine(args.nodes, args.gpus_per_node,
-                          args.gpu_memory if args.gpu_memory is not None else memory_gb * 1e9,
-                          args.peak_tflops if args.peak_tflops is not None else peak, args.efficiency,
-                          args.nvlink_gbps if args.nvlink_gbps is not None else nvlink, args.network_gbps,
-                          gpu=gpu_name)
+                          args.gpu_memory if args.gpu_memory is not None else gpu.memory_gb * 1e9,
+                          args.peak_tflops if args.peak_tflops is not None else gpu.bf16_tflops, args.efficiency,
+                          args.nvlink_gbps if args.nvlink_gbps is not None else gpu.nvlink_gbps, args.network_gbps,
+                          gpu=gpu.name)
     except (ConfigError, LanguageTableError) as e:
         print(f"medmoe plan: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence
 
 from ..config import ConfigError, RunConfig, resolve_config
 from ..config.validate import grad_bucket_size
-from ..training.flops import flops_per_token
+from ..training.flops import flops_per_token, macs_per_token
 from .comm import StepComm, step_comm
-from .memory import GiB, StageMemory, is_moe_layer, peak_memory, stage_params
+from .memory import GiB, StageMemory, peak_memory, stage_params
 from .placement import Placement, balance_experts, expert_loads
 
 RECOMPUTE = (None, "selective", "full")
@@ -139,22 +139,23 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
 
     tokens = tr.global_batch_size * cfg.data.seq_length
     step_flops = flops_per_token(cfg, num_experts) * tokens / machine.world
-    expert_share = _expert_flops_share(cfg, num_experts)
+    macs = macs_per_token(cfg, num_experts)
+    expert_share, attention = macs["experts"] / sum(macs.values()), macs["attention"] / sum(macs.values())
     imbalance = 1 - expert_share + expert_share * (share * e if moe else 1.0)
-    attention = _attention_flops_share(cfg, num_experts)
     gemm_speed = 2.0 if cfg.fp8.format else 1.0  # FP8 GEMMs at twice the bf16 rate; attention stays bf16
     compute = step_flops * imbalance * ((1 - attention) / gemm_speed + attention) * (
         4 / 3 if recompute == "full" else 1.0) / (machine.peak_tflops * 1e12 * machine.efficiency)
     n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     bubble = (p - 1) / ((par.virtual_pipeline or 1) * n_micro)
+    dp_bandwidth = _bandwidth(t * dp, machine)
     seconds = {
         "tp": comm.tp / _bandwidth(t, machine),
         "pp": comm.pp / _bandwidth(t * dp * p, machine),
         "ep": comm.ep / _bandwidth(et * e, machine),
-        "dp": comm.dp / _bandwidth(t * dp, machine),
+        "dp": comm.dp / dp_bandwidth,
     }
     if par.overlap_grad_reduce:
-        seconds["dp"] -= _hidden_grad_seconds(cfg, stage, num_experts, comm.dp_grads / _bandwidth(t * dp, machine),
+        seconds["dp"] -= _hidden_grad_seconds(cfg, stage, num_experts, comm.dp_grads / dp_bandwidth,
                                               backward=compute / n_micro * 2 / 3)
     step = compute * (1 + bubble) + sum(seconds.values())
     overrides = [f"parallel.tensor={t}", f"parallel.pipeline={p}"]
@@ -181,23 +182,6 @@ def _hidden_grad_seconds(cfg: RunConfig, stage: int, num_experts: int, grads: fl
     params = stage_params(cfg, stage, num_experts)
     last_bucket = grads * min(1.0, grad_bucket_size(cfg.parallel) / max(params.dense + params.experts, 1))
     return grads - max(grads - backward, last_bucket)
-
-
-def _attention_flops_share(cfg: RunConfig, num_experts: int) -> float:
-    """Share of the model FLOPs in attention's scores and values (not GEMMs with weights: no FP8 there)."""
-    m = cfg.model
-    width = m.num_attention_heads * (m.hidden_size // m.num_attention_heads)
-    return 6 * m.num_layers * 2 * cfg.data.seq_length * width / flops_per_token(cfg, num_experts)
-
-
-def _expert_flops_share(cfg: RunConfig, num_experts: int) -> float:
-    """Share of the model FLOPs spent in the experts (what an unbalanced expert rank slows down)."""
-    if cfg.moe.moe_last_n == 0:
-        return 0.0
-    m = cfg.model
-    experts = sum(is_moe_layer(cfg, layer) for layer in range(m.num_layers)) * cfg.moe.topk * 3 * m.hidden_size * (
-        cfg.moe.expert_ffn_hidden_size or m.ffn_hidden_size) * 6
-    return min(experts / flops_per_token(cfg, num_experts), 1.0)
 
 
 def plan_layouts(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: Sequence[float]) -> List[Candidate]:

@@ -8,38 +8,44 @@ forward + backward = 3 x forward. Recomputation is not counted (model FLOPs, not
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 from ..config import RunConfig, padded_vocab_size
-
-# dense peak TFLOP/s per device (NVIDIA's figures for the SXM parts)
-KNOWN_PEAKS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0}}
+from ..runtime.gpus import gpu_of
 
 
-def flops_per_token(cfg: RunConfig, num_experts: int) -> float:
+def macs_per_token(cfg: RunConfig, num_experts: int) -> Dict[str, int]:
+    """Multiply-adds of one token's forward pass, by part (attention: scores and values, the part that multiplies
+    no weight; experts: the token's top-k routed experts)."""
     m, moe = cfg.model, cfg.moe
     h, seq = m.hidden_size, cfg.data.seq_length
     head_dim = h // m.num_attention_heads
     attn_width = m.num_attention_heads * head_dim
     kv_width = m.num_query_groups * head_dim
-    qkv_and_proj = h * (attn_width + 2 * kv_width) + attn_width * h
-    scores_and_values = 2 * seq * attn_width  # multiply-adds per token
-    dense_mlp = 3 * h * m.ffn_hidden_size
-    moe_mlp = h * num_experts + moe.topk * 3 * h * (moe.expert_ffn_hidden_size or m.ffn_hidden_size)
+    parts = {
+        "projections": m.num_layers * (h * (attn_width + 2 * kv_width) + attn_width * h),
+        "attention": m.num_layers * 2 * seq * attn_width,
+        "dense_mlp": (m.num_layers - moe.moe_last_n) * 3 * h * m.ffn_hidden_size,
+        "router": moe.moe_last_n * h * num_experts,
+        "experts": moe.moe_last_n * moe.topk * 3 * h * (moe.expert_ffn_hidden_size or m.ffn_hidden_size),
+        "output": h * padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
+    }
     if moe.shared_expert_ffn_hidden_size:  # every token also passes the shared expert and its gate
-        moe_mlp += 3 * h * moe.shared_expert_ffn_hidden_size + h
-    layers_dense = m.num_layers - moe.moe_last_n
-    per_token_macs = (m.num_layers * (qkv_and_proj + scores_and_values) + layers_dense * dense_mlp
-                      + moe.moe_last_n * moe_mlp + h * padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by))
-    return 3 * 2 * per_token_macs
+        parts["shared_expert"] = moe.moe_last_n * (3 * h * moe.shared_expert_ffn_hidden_size + h)
+    return parts
 
 
-def peak_tflops(cfg: RunConfig, precision: str = "bf16") -> Optional[float]:
+def flops_per_token(cfg: RunConfig, num_experts: int) -> float:
+    return 3 * 2 * sum(macs_per_token(cfg, num_experts).values())
+
+
+def peak_tflops(cfg: RunConfig) -> Optional[float]:
+    """The dense peak MFU is read against: logging.peak_tflops, else the GPU's bf16 figure for bf16 training."""
     if cfg.logging.peak_tflops is not None:
         return cfg.logging.peak_tflops
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or cfg.training.precision != "bf16":
         return None
-    name = torch.cuda.get_device_name()
-    return next((peaks[precision] for key, peaks in KNOWN_PEAKS.items() if key in name), None)
+    spec = gpu_of(torch.cuda.get_device_name())
+    return spec.bf16_tflops if spec else None

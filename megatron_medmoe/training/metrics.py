@@ -32,7 +32,7 @@ class TrainingMetrics:
         self.moe_last_n = cfg.moe.moe_last_n
         self.routers: List[FamilyRouter] = [m for c in chunks for m in c.modules() if isinstance(m, FamilyRouter)]
         self.flops_per_token = flops_per_token(cfg, registry.num_experts)
-        self.peak = peak_tflops(cfg, "bf16" if cfg.training.precision == "bf16" else "fp32")
+        self.peak = peak_tflops(cfg)
         self.writers = list(writers)
         self.path = os.path.join(cfg.logging.output_dir, "metrics.jsonl")
         if dist.get_rank() == 0 and not resumed:  # a new run starts a new record; a resumed one appends
