@@ -8,13 +8,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines: exactly this wheel (served locally); another version or a range pulls GBs of CUDA packages
 TORCH_SPEC ?= torch==2.13.0
+# the exact version of every package the tests import; setup.py only holds compatible ranges
+LOCK := constraints.txt
+EXTRAS := test,dali,wandb,slurm,mpi
 
-.PHONY: setup demo test benchmarks system-deps
+.PHONY: setup demo test benchmarks system-deps lock
 
-$(VENV)/.installed: setup.py
+# Everything from the lock, the build tools too (the package is built without an isolated build environment,
+# which would take the newest setuptools of the day); the file used is recorded for tests/test_install.py.
+$(VENV)/.installed: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,dali,wandb,slurm,mpi]"
+	$(PY) -m pip install --quiet -c $(LOCK) setuptools wheel "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c $(LOCK) --no-build-isolation -e ".[$(EXTRAS)]"
+	echo "$(abspath $(LOCK))" > $(VENV)/medmoe-constraints
 	touch $@
 
 setup: $(VENV)/.installed
@@ -37,3 +43,12 @@ test: setup system-deps
 
 benchmarks: setup
 	$(PY) benchmarks/step_time.py
+
+# Re-resolve setup.py's ranges in a scratch environment and write the result as the new lock.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet "$(TORCH_SPEC)" setuptools wheel
+	$(VENV)-lock/bin/pip install --quiet -e ".[$(EXTRAS)]"
+	{ grep '^#' $(LOCK); $(VENV)-lock/bin/pip freeze --all --exclude-editable \
+	  | grep -v -i -E '^(pip|megatron-medmoe)==' | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf $(VENV)-lock

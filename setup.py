@@ -1,8 +1,9 @@
 """megatron-medmoe: a Megatron-style trainer for Post-MoE language-family expert models."""
 from setuptools import find_packages, setup
 
-# On CPU machines install torch==2.13.0 first (see Makefile): any other version or an open range
-# pulls GBs of CUDA packages. The range below is satisfied by that wheel and by GPU builds alike.
+# Compatible ranges for people who pip-install the package. The tests, CI and the images install the exact
+# versions of constraints.txt (see Makefile). On CPU machines install torch==2.13.0 first: any other version
+# or an open range pulls GBs of CUDA packages. The range below is satisfied by that wheel and by GPU builds alike.
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "megatron-core==0.16.1",
@@ -13,6 +14,7 @@ INSTALL_REQUIRES = [
     "tokenizers",
     "safetensors",
     "matplotlib",  # PNG charts: preprocessing summaries, analysis heatmaps
+    "xxhash>=3",  # checkpoint manifests: a checksum per file at memory speed
 ]
 
 EXTRAS = {
