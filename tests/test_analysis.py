@@ -148,6 +148,37 @@ def _read_routing(out: Path):
     return ratios
 
 
+def test_routing_numbers_the_layers_as_the_training_metrics_do(megatron_single_rank, tmp_path):
+    from conftest import tiny_config
+    from megatron_medmoe.analysis.routing import RoutingCounter, write_routing
+    from megatron_medmoe.data.batches import causal_mask
+    from megatron_medmoe.languages import load_registry
+    from megatron_medmoe.model.gpt import build_model_chunks
+    from megatron_medmoe.training.metrics import TrainingMetrics
+
+    cfg = tiny_config("cpt", [*ONE_PROCESS, f"logging.output_dir={tmp_path / 'logs'}"], world_size=1)
+    registry = load_registry(cfg.data.language_table)
+    (model,) = build_model_chunks(cfg, registry.num_experts)
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    family = torch.full_like(tokens, registry.expert_id("en"))
+    run = lambda: model(tokens, torch.arange(16).expand(2, -1), causal_mask(16), family_ids=family)  # noqa
+    model.train()
+    run()  # builds a graph: the routers count it for the training metrics
+    trained = sorted(int(layer) for layer in TrainingMetrics([model], registry, cfg).log(step=1, lr=1e-3)["moe_layers"])
+    model.eval()
+    counter = RoutingCounter(model, ["en"], registry.num_experts)
+    counter.language, counter.family = "en", registry.expert_id("en")
+    counter.family_of["en"] = counter.family
+    with counter, torch.no_grad():
+        run()
+    write_routing(str(tmp_path / "routing"), counter, list(registry.experts))
+    with open(tmp_path / "routing" / "routing.csv", encoding="utf-8") as f:
+        analyzed = sorted({int(row["layer"]) for row in csv.DictReader(f)})
+    with open(tmp_path / "routing" / "family_share.csv", encoding="utf-8") as f:
+        assert sorted(int(row["layer"]) for row in csv.DictReader(f)) == analyzed
+    assert trained == analyzed == [3, 4]  # the last 2 of 4 layers, numbered from 1 over the whole model
+
+
 def test_routing_ratios_on_a_model_with_moe_in_every_layer(tmp_path):
     save = tmp_path / "ckpt"
     run_medmoe(["train", str(REPO / "examples" / "tiny.yaml"), "--stage", "cpt", *ONE_PROCESS, "moe.moe_last_n=4",
@@ -158,12 +189,12 @@ def test_routing_ratios_on_a_model_with_moe_in_every_layer(tmp_path):
         run_medmoe(["analyze", "routing", "--ckpt", str(save / "cpt"), *_data_args("en", "zh"), "--output", str(out),
                     "--max-tokens", "500", *extra])
         ratios = _read_routing(out)
-        assert sorted({layer for _, layer in ratios}) == [0, 1, 2, 3]
+        assert sorted({layer for _, layer in ratios}) == [1, 2, 3, 4]  # megatron-core's layer numbers
         for key, row in ratios.items():
             assert sum(row.values()) == pytest.approx(1.0, abs=1e-5), key
         assert (out / "routing_en.png").exists() and (out / "routing_zh.png").exists()
         if routing == "hard":  # each language forced to its family expert: zh -> 0 (Sino-Tibetan), en -> 4
-            for layer in range(4):
+            for layer in range(1, 5):
                 assert ratios[("zh", layer)][0] == pytest.approx(1.0) and ratios[("en", layer)][4] == pytest.approx(1.0)
             with open(out / "family_share.csv", encoding="utf-8") as f:
                 assert all(float(r["share"]) == 1.0 for r in csv.DictReader(f))

@@ -43,6 +43,35 @@ def test_tensor_parallel_must_divide_kv_heads():
     assert "parallel.tensor (4) must divide model.num_query_groups (2" in msg
 
 
+def test_an_impossible_layout_is_reported_alone():
+    tensor7 = ("parallel.tensor (7) must divide model.num_attention_heads (4), model.num_query_groups (2, the key/value "
+               "heads) and model.ffn_hidden_size (176): choose 1 or 2")
+    for world_size in (None, 2):  # not also data.seq_length, the vocabulary padding, expert_tensor or the world size
+        with pytest.raises(ConfigError) as err:
+            resolve_config(cpt(["parallel.tensor=7"]), world_size=world_size)
+        assert err.value.problems == [tensor7]
+    with pytest.raises(ConfigError) as err:  # what does not follow from the tensor size is still named
+        resolve_config(cpt(["parallel.tensor=7", "parallel.expert_tensor=3", "training.global_batch_size=6"]))
+    assert err.value.problems == [tensor7, "parallel.expert_tensor (3) must divide moe.expert_ffn_hidden_size (176)",
+                                  "training.global_batch_size (6) must be a positive multiple of "
+                                  "training.micro_batch_size (4)"]
+    # with a tensor size that fits, the rules combining it with other fields apply
+    assert "data.seq_length (127) must be divisible by parallel.tensor (2) under sequence parallelism" in problems(
+        ["parallel.tensor=2", "data.seq_length=127"])
+
+
+def test_a_vocabulary_below_the_datasets_is_refused_at_load(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(cpt(["model.vocab_size=1000"]))
+    assert err.value.problems == [
+        "model.vocab_size (1000) is below the vocabulary of data.datasets[0] 'runs/data/tiny_text' (1024 token ids, "
+        "from runs/data/tiny_text.json): set model.vocab_size to at least 1024, or null to take it from the datasets"]
+    assert resolve_config(cpt(["model.vocab_size=1024"])).model.vocab_size == 1024
+    (tmp_path / "old.json").write_text('{"documents": 3}')  # a summary that does not say: named, no KeyError
+    msg = problems([f"data.datasets=[{{prefix: runs/data/tiny_text}}, {{prefix: {tmp_path / 'old'}}}]"])
+    assert f"data.datasets[1].prefix: {tmp_path / 'old'}.json records no vocab_size" in msg
+
+
 def test_expert_parallel_must_divide_experts_and_suggests_padding():
     msg = problems(["parallel.expert=2", "moe.expert_slots=null"])
     assert "parallel.expert (2) must divide the number of experts (7" in msg
@@ -140,10 +169,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
     start = time.monotonic()
-    proc = run_medmoe(train_stage("cpt", "parallel.expert=2", "moe.expert_slots=null",
+    proc = run_medmoe(train_stage("cpt", "parallel.expert=2", "moe.expert_slots=null", "model.vocab_size=1000",
                                   f"logging.output_dir={tmp_path / 'out'}"), check=False, timeout=120)
     assert proc.returncode == 2
     assert "parallel.expert (2) must divide the number of experts (7" in proc.stderr
+    assert "model.vocab_size (1000) is below the vocabulary of data.datasets[0]" in proc.stderr
     assert "starting" not in proc.stdout and not (tmp_path / "out").exists()
     assert time.monotonic() - start < 60
 

@@ -82,6 +82,59 @@ def test_expert_shares_and_forcing_rate_from_the_routers_decisions(one_batch):
         assert entry["family_in_own_topk"] == pytest.approx(float(held), abs=1e-9)
 
 
+def test_a_resumed_run_supersedes_the_records_after_its_checkpoint(megatron_single_rank, tmp_path):
+    cfg = tiny_config("cpt", ["parallel.expert=1", "moe.expert_slots=null", f"logging.output_dir={tmp_path}"],
+                      world_size=1)
+    out = tmp_path / "cpt"  # the stage's output directory
+    out.mkdir()
+    path = out / "metrics.jsonl"
+    before = [json.dumps({"step": step, "loss": 10.0 - step / 10}) + "\n" for step in range(1, 51)]
+    path.write_text("".join(before) + '{"step": 51, "lo', encoding="utf-8")  # the crash tore the last line
+    metrics = TrainingMetrics([], load_registry(cfg.data.language_table), cfg, resumed=True, resumed_at=40)
+    assert path.read_text(encoding="utf-8") == "".join(before[:40])  # steps 1-40 as they were
+    metrics.add_step({}, grad_norm=1.0, updated=True, tokens=8)
+    metrics.log(step=41, lr=1e-3)
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 42))
+    assert os.listdir(out) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_tensorboard_discards_the_events_after_the_resume_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_medmoe.config import RunConfig
+    from megatron_medmoe.training.loggers import TensorBoardWriter
+
+    cfg = RunConfig()
+    cfg.logging.output_dir = str(tmp_path)
+    for resumed_at, steps, loss in ((None, range(1, 51), 1.0), (40, range(41, 43), 2.0)):
+        writer = TensorBoardWriter(cfg, resumed_at=resumed_at)
+        for step in steps:
+            writer.write({"step": step, "loss": loss})
+        writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, 1.0) for s in range(1, 41)] + [(41, 2.0),
+                                                                                                      (42, 2.0)]
+
+
+def test_a_resumed_wandb_run_joins_the_group_and_says_where_it_resumed(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from megatron_medmoe.config import RunConfig
+    from megatron_medmoe.training.loggers import WandbWriter
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = RunConfig()
+    cfg.logging.output_dir = str(tmp_path / "cpt")
+    writer = WandbWriter(cfg, {"training": {"train_steps": 50}}, resumed_at=40)
+    try:
+        assert (writer.run.group, writer.run.name) == ("cpt", "cpt-from-step-41")
+        assert writer.run.config["resumed_at"] == 40 and writer.run.config["training"] == {"train_steps": 50}
+    finally:
+        writer.close()
+
+
 @pytest.mark.multiprocess
 def test_tensorboard_and_wandb_offline_and_the_key_is_never_written(tmp_path):
     pytest.importorskip("tensorboard")

@@ -45,7 +45,8 @@ def add_analyze_parser(commands) -> None:
         "routing", help="routing ratios per language, layer and expert (eval mode, plain top-k)",
         description="For each language, the MoE layers x experts matrix of routing ratios (rows sum to 1) as "
                     "routing.csv and routing_LANG.png, and the share of tokens whose top-k holds their family "
-                    "expert (family_share.csv).")
+                    "expert (family_share.csv). Layers are numbered 1 to model.num_layers over the whole model, "
+                    "as in the training metrics.")
     _analysis_arguments(routing)
     routing.add_argument("--routing", choices=["topk", "hard"],
                          help="route this way instead of the checkpoint's mode (hard: each token to its family "

@@ -5,7 +5,9 @@ counts k times) divided by the layer's total, per language: a layers x experts m
 each row summing to 1. Also the share of tokens whose top-k holds their own family expert. A model with MoE
 in every layer shows the ApolloMoE observation ("spread out in the end"): early layers share experts across
 languages, late layers send each language to its own. Outputs in --output: routing.csv (one row per
-language, layer and expert), family_share.csv, and one heatmap per language, routing_LANG.png.
+language, layer and expert), family_share.csv, and one heatmap per language, routing_LANG.png. Layers are
+numbered 1..num_layers over the whole model (megatron-core's layer_number), as in the training log and
+metrics.jsonl: the tiny recipe's MoE layers are 3 and 4.
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ class RoutingOptions(AnalysisInputs):
 
 
 class RoutingCounter:
-    """Per language: expert choices [moe layers, experts] and tokens holding their family expert."""
+    """Per language: expert choices [moe layers, experts] and tokens holding their family expert; `layers` are the
+    MoE layers' numbers (1-based, over the whole model)."""
 
     def __init__(self, model, languages: List[str], num_experts: int):
         from ..model.router import FamilyRouter
 
-        self.routers = [(layer.layer_number - 1, layer.mlp.router) for layer in model.decoder.layers
+        self.routers = [(layer.layer_number, layer.mlp.router) for layer in model.decoder.layers
                         if isinstance(getattr(layer.mlp, "router", None), FamilyRouter)]
         if not self.routers:
             raise ValueError("the model has no MoE layers: nothing is routed")

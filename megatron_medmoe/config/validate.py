@@ -93,31 +93,45 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
     need(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0, "moe.aux_loss_coeff and moe.z_loss_coeff must be >= 0")
 
     # --- parallel layout
+    # A layout that cannot fit the model is the one problem reported about it: the rules that combine its sizes with
+    # other fields (sequence length, vocabulary, world size, batch) are skipped, as they would only repeat it while
+    # naming fields that are fine.
+    expert_tensor_given, data_given = par.expert_tensor is not None, par.data is not None
     if par.expert_tensor is None:
         par.expert_tensor = par.tensor
     if par.sequence_parallel is None:
         par.sequence_parallel = par.tensor > 1
     tp, pp, ep, etp = par.tensor, par.pipeline, par.expert, par.expert_tensor
-    need(m.num_attention_heads % tp == 0,
-         f"parallel.tensor ({tp}) must divide model.num_attention_heads ({m.num_attention_heads})")
-    need(m.num_query_groups % tp == 0,
-         f"parallel.tensor ({tp}) must divide model.num_query_groups ({m.num_query_groups}, the key/value heads)")
-    need(m.ffn_hidden_size % tp == 0,
-         f"parallel.tensor ({tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+    split_by_tp = [("model.num_attention_heads", m.num_attention_heads, ""),
+                   ("model.num_query_groups", m.num_query_groups, ", the key/value heads"),
+                   ("model.ffn_hidden_size", m.ffn_hidden_size, "")]
     if moe.shared_expert_ffn_hidden_size is not None:
-        need(moe.shared_expert_ffn_hidden_size > 0 and moe.shared_expert_ffn_hidden_size % tp == 0,
-             f"moe.shared_expert_ffn_hidden_size ({moe.shared_expert_ffn_hidden_size}) must be positive and divisible "
-             f"by parallel.tensor ({tp}); null for no shared expert")
+        need(moe.shared_expert_ffn_hidden_size > 0,
+             f"moe.shared_expert_ffn_hidden_size ({moe.shared_expert_ffn_hidden_size}) must be positive; null for no "
+             "shared expert")
+        if moe.shared_expert_ffn_hidden_size > 0:
+            split_by_tp.append(("moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size, ""))
+    misfits = [f"{name} ({size}{note})" for name, size, note in split_by_tp if size % tp]
+    tp_fits = not misfits
+    if misfits:
+        common = math.gcd(*(size for _, size, _ in split_by_tp))
+        fitting = [str(d) for d in range(1, common + 1) if common % d == 0]
+        problems.append(f"parallel.tensor ({tp}) must divide {_listed(misfits, 'and')}: choose "
+                        f"{_listed(fitting, 'or')}")
+    etp_fits = ep_fits = True
     if moe.moe_last_n > 0:
-        need(moe.expert_ffn_hidden_size % etp == 0,
-             f"parallel.expert_tensor ({etp}) must divide moe.expert_ffn_hidden_size ({moe.expert_ffn_hidden_size})")
+        etp_fits = moe.expert_ffn_hidden_size % etp == 0
+        if expert_tensor_given or tp_fits:  # else expert_tensor is the tensor size, already refused
+            need(etp_fits, f"parallel.expert_tensor ({etp}) must divide moe.expert_ffn_hidden_size "
+                           f"({moe.expert_ffn_hidden_size})")
         if num_experts is not None:
             if moe.expert_slots is None:
                 moe.expert_slots = num_experts
             suggestion = -(-num_experts // ep) * ep
             need(moe.expert_slots >= num_experts,
                  f"moe.expert_slots ({moe.expert_slots}) must be at least the number of experts ({num_experts})")
-            need(moe.expert_slots % ep == 0,
+            ep_fits = moe.expert_slots % ep == 0
+            need(ep_fits,
                  f"parallel.expert ({ep}) must divide the number of experts ({moe.expert_slots}"
                  f"{' expert slots' if moe.expert_slots != num_experts else ''}, from data.language_table="
                  f"{data.language_table!r}): set moe.expert_slots={suggestion} to pad with "
@@ -141,33 +155,33 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
                  "parallel.sequence_parallel must be true when parallel.tensor > 1 and the model has MoE layers "
                  "(megatron-core requires it for MoE training)")
     else:
-        need(ep == 1, f"parallel.expert ({ep}) must be 1 for a dense model (moe.moe_last_n = 0)")
+        ep_fits = ep == 1
+        need(ep_fits, f"parallel.expert ({ep}) must be 1 for a dense model (moe.moe_last_n = 0)")
     if par.sequence_parallel:
         need(tp > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
-        need(data.seq_length % tp == 0,
-             f"data.seq_length ({data.seq_length}) must be divisible by parallel.tensor ({tp}) under sequence parallelism")
+        if tp_fits:
+            need(data.seq_length % tp == 0,
+                 f"data.seq_length ({data.seq_length}) must be divisible by parallel.tensor ({tp}) under sequence "
+                 "parallelism")
     if par.ddp_bucket_size is not None:
         need(par.overlap_grad_reduce, "parallel.ddp_bucket_size only applies with parallel.overlap_grad_reduce=true "
                                       "(without it the gradients are reduced in one piece)")
         need(par.ddp_bucket_size > 0, f"parallel.ddp_bucket_size ({par.ddp_bucket_size}) must be positive")
     chunks = pp * (par.virtual_pipeline or 1)
+    pp_fits = m.num_layers % chunks == 0 and (par.virtual_pipeline is None or pp > 1)
     need(m.num_layers % chunks == 0,
          f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline ({chunks})")
     if par.virtual_pipeline is not None:
         need(pp > 1,
              "parallel.virtual_pipeline needs parallel.pipeline > 1 (it interleaves model chunks across stages)")
+    layout_fits = tp_fits and etp_fits and ep_fits and pp_fits
 
     if check_files:
-        for i, spec in enumerate(data.datasets):
-            if not os.path.isfile(spec.prefix + ".json"):
-                problems.append(f"data.datasets[{i}].prefix: {spec.prefix!r} is not a preprocessed dataset "
-                                f"(no {spec.prefix}.json): run `medmoe preprocess --output-prefix {spec.prefix} ...` first")
-        if m.vocab_size is None:
-            m.vocab_size = dataset_vocab_size(cfg)
+        _check_datasets(cfg, problems)
     if m.vocab_size is None and not problems:
         problems.append("model.vocab_size is null and there is no dataset to take it from: set model.vocab_size "
                         "or list data.datasets")
-    if m.vocab_size is not None:
+    if m.vocab_size is not None and tp_fits:
         padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
         need(padded % tp == 0,
              f"model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by}) must make the padded vocabulary "
@@ -176,18 +190,19 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
     min_dp = smallest_data_parallel(tp, ep, etp)
     if world_size is None:
         dp = par.data if par.data is not None else min_dp
-    else:
-        if par.data is not None:
+    elif par.data is not None:
+        if layout_fits:
             need(world_size == tp * pp * par.data,
                  f"world size {world_size} is not parallel.tensor x parallel.pipeline x parallel.data "
                  f"({tp} x {pp} x {par.data} = {tp * pp * par.data})")
-            dp = par.data
-        else:
+        dp = par.data
+    else:
+        if layout_fits:
             need(world_size % (tp * pp) == 0,
                  f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline ({tp} x {pp}), "
                  "so no data-parallel size fits")
-            dp = max(world_size // (tp * pp), 1)
-    if dp >= 1:
+        dp = max(world_size // (tp * pp), 1)
+    if dp >= 1 and layout_fits:
         need((tp * dp) % (ep * etp) == 0,
              f"parallel.expert x parallel.expert_tensor ({ep} x {etp}) must divide parallel.tensor x parallel.data "
              f"({tp} x {dp}): megatron-core places experts inside the data-parallel ranks of each stage "
@@ -197,11 +212,17 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
     # --- training
     need(tr.train_steps >= 0, f"training.train_steps must be >= 0, got {tr.train_steps}")
     need(tr.micro_batch_size >= 1, f"training.micro_batch_size must be at least 1, got {tr.micro_batch_size}")
-    if dp >= 1 and tr.micro_batch_size >= 1:
+    if dp >= 1 and tr.micro_batch_size >= 1 and not (layout_fits or data_given):
+        # the data-parallel size was derived from a layout refused above: only the part that does not depend on it
+        need(tr.global_batch_size % tr.micro_batch_size == 0 and tr.global_batch_size > 0,
+             f"training.global_batch_size ({tr.global_batch_size}) must be a positive multiple of "
+             f"training.micro_batch_size ({tr.micro_batch_size})")
+    elif dp >= 1 and tr.micro_batch_size >= 1:
         need(tr.global_batch_size % (tr.micro_batch_size * dp) == 0 and tr.global_batch_size > 0,
              f"training.global_batch_size ({tr.global_batch_size}) must be a positive multiple of "
              f"training.micro_batch_size x parallel.data ({tr.micro_batch_size} x {dp})")
-        if par.virtual_pipeline is not None and tr.global_batch_size % (tr.micro_batch_size * dp) == 0:
+        if par.virtual_pipeline is not None and pp_fits and \
+                tr.global_batch_size % (tr.micro_batch_size * dp) == 0:
             n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
             need(n_micro % pp == 0,
                  f"interleaved pipelining needs the number of micro-batches per step ({n_micro}) to be a multiple "
@@ -260,13 +281,60 @@ def _check_lens(cfg: RunConfig, dp: int, check_files: bool, need) -> None:
     need(lens.anchor not in lens.languages, f"lens.languages must not contain the anchor {lens.anchor!r}")
 
 
+def _listed(items: List[str], last: str) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+
+
+def _summary_vocab_size(prefix: str) -> int:
+    """The vocabulary of the tokenizer a dataset was preprocessed with, from its summary PREFIX.json; ValueError
+    naming the file when the summary does not say."""
+    path = prefix + ".json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as a `medmoe preprocess` summary ({e}): preprocess the dataset "
+                         "again") from e
+    vocab = summary.get("vocab_size") if isinstance(summary, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise ValueError(f"{path} records no vocab_size (a positive integer): it is not a `medmoe preprocess` "
+                         "summary; preprocess the dataset again")
+    return vocab
+
+
 def dataset_vocab_size(cfg: RunConfig) -> Optional[int]:
-    """The vocabulary of the tokenizer the first dataset was preprocessed with (from its summary), if it exists."""
+    """The vocabulary of the tokenizer the first dataset was preprocessed with (from its summary), if it exists;
+    ConfigError when its summary does not say."""
     datasets = cfg.data.datasets
     if not datasets or not os.path.isfile(datasets[0].prefix + ".json"):
         return None
-    with open(datasets[0].prefix + ".json", encoding="utf-8") as f:
-        return int(json.load(f)["vocab_size"])
+    try:
+        return _summary_vocab_size(datasets[0].prefix)
+    except ValueError as e:
+        raise ConfigError([f"data.datasets[0].prefix: {e}"]) from e
+
+
+def _check_datasets(cfg: RunConfig, problems: List[str]) -> None:
+    """Every dataset is preprocessed, and a model.vocab_size that is set holds every token id the datasets use
+    (null takes the first dataset's): refused here, before any worker starts, not when the workers open the data."""
+    m = cfg.model
+    given = m.vocab_size
+    for i, spec in enumerate(cfg.data.datasets):
+        if not os.path.isfile(spec.prefix + ".json"):
+            problems.append(f"data.datasets[{i}].prefix: {spec.prefix!r} is not a preprocessed dataset "
+                            f"(no {spec.prefix}.json): run `medmoe preprocess --output-prefix {spec.prefix} ...` first")
+            continue
+        try:
+            vocab = _summary_vocab_size(spec.prefix)
+        except ValueError as e:
+            problems.append(f"data.datasets[{i}].prefix: {e}")
+            continue
+        if m.vocab_size is None:
+            m.vocab_size = vocab
+        elif given is not None and vocab > given:
+            problems.append(f"model.vocab_size ({given}) is below the vocabulary of data.datasets[{i}] "
+                            f"{spec.prefix!r} ({vocab} token ids, from {spec.prefix}.json): set model.vocab_size to "
+                            f"at least {vocab}, or null to take it from the datasets")
 
 
 def model_transformer_engine(impl: str) -> bool:

@@ -3,11 +3,16 @@
 Weights & Biases runs offline (files under OUTPUT_DIR/wandb, `wandb sync` later) unless WANDB_API_KEY is
 set in the environment (or WANDB_MODE says otherwise); the key is only ever read from there by wandb itself,
 never printed, logged or saved by us.
+
+A run resumed from step S supersedes what the crashed run logged after S: TensorBoard discards those events
+(purge_step). A Weights & Biases run cannot be rewound offline (W&B's rewind is an online preview feature),
+so the resumed run is a new one in the same group (the output directory's name), named for its first step
+(NAME-from-step-S+1) and with `resumed_at: S` in its config; the earlier run keeps its steps after S.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..config import RunConfig
 
@@ -26,10 +31,12 @@ def _scalars(record: dict) -> Dict[str, float]:
 
 
 class TensorBoardWriter:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resumed_at: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(cfg.logging.output_dir, "tensorboard"))
+        # TensorBoard hides every earlier event at a step >= purge_step: the crashed run's steps after S
+        purge_step = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(os.path.join(cfg.logging.output_dir, "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         for key, value in _scalars(record).items():
@@ -41,13 +48,17 @@ class TensorBoardWriter:
 
 
 class WandbWriter:
-    def __init__(self, cfg: RunConfig, run_config: dict):
+    def __init__(self, cfg: RunConfig, run_config: dict, resumed_at: Optional[int] = None):
         import wandb
 
         # WANDB_MODE, when set, decides (offline, disabled, ...); else online only with a key
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        name = os.path.basename(os.path.normpath(cfg.logging.output_dir))
+        if resumed_at is not None:
+            run_config = {**run_config, "resumed_at": resumed_at}
         self.run = wandb.init(project=cfg.logging.wandb_project, dir=cfg.logging.output_dir, mode=mode,
-                              config=run_config, name=os.path.basename(os.path.normpath(cfg.logging.output_dir)),
+                              config=run_config, group=name,
+                              name=name if resumed_at is None else f"{name}-from-step-{resumed_at + 1}",
                               reinit="finish_previous")
 
     def write(self, record: dict) -> None:
@@ -57,11 +68,12 @@ class WandbWriter:
         self.run.finish()
 
 
-def open_writers(cfg: RunConfig, run_config: dict) -> List[object]:
+def open_writers(cfg: RunConfig, run_config: dict, resumed_at: Optional[int] = None) -> List[object]:
+    """resumed_at: the step a resumed run starts after (None: a new run)."""
     writers: List[object] = []
     if cfg.logging.tensorboard:
-        writers.append(TensorBoardWriter(cfg))
+        writers.append(TensorBoardWriter(cfg, resumed_at))
     if cfg.logging.wandb:
         os.makedirs(cfg.logging.output_dir, exist_ok=True)
-        writers.append(WandbWriter(cfg, run_config))
+        writers.append(WandbWriter(cfg, run_config, resumed_at))
     return writers

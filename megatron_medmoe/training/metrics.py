@@ -5,7 +5,9 @@ how often the router's own top-k already held the family expert.
 Each rank adds up what it saw between log steps; one all-reduce over the job at each log step makes the
 totals (only the last pipeline stage has losses, only the ranks holding a MoE layer count its routing).
 Rank 0 prints a console line, appends a JSON record to OUTPUT_DIR/metrics.jsonl and hands it to the
-TensorBoard and Weights & Biases writers.
+TensorBoard and Weights & Biases writers. A run resumed from the checkpoint of step S first drops the records of
+steps after S (the crashed run's, which the resumed run logs again), so the file holds one record per step.
+MoE layers are numbered 1..num_layers over the whole model, as megatron-core and `medmoe analyze routing` do.
 """
 from __future__ import annotations
 
@@ -24,8 +26,39 @@ from ..runtime.distributed import collective_device
 from .flops import flops_per_token, peak_tflops
 
 
+def _record_step(line: str) -> Optional[int]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def supersede_records(path: str, resumed_at: int) -> None:
+    """Keep the records of metrics.jsonl up to step `resumed_at`, in order; drop the later ones (logged by the run
+    that crashed after its last checkpoint) and any torn line. Rewritten atomically: a crash leaves either file."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines
+            if (step := _record_step(line)) is not None and step <= resumed_at]
+    if kept == lines:
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class TrainingMetrics:
-    def __init__(self, chunks, registry: LanguageRegistry, cfg: RunConfig, writers=(), resumed: bool = False):
+    def __init__(self, chunks, registry: LanguageRegistry, cfg: RunConfig, writers=(), resumed: bool = False,
+                 resumed_at: Optional[int] = None):
+        """resumed: append to this stage's metrics.jsonl; resumed_at: the step the run resumes from (implies
+        resumed): the records after it are dropped first."""
         self.registry = registry
         self.num_families = registry.num_experts
         self.first_moe_layer = cfg.model.num_layers - cfg.moe.moe_last_n + 1  # megatron-core layer numbers start at 1
@@ -35,9 +68,12 @@ class TrainingMetrics:
         self.peak = peak_tflops(cfg)
         self.writers = list(writers)
         self.path = os.path.join(cfg.logging.output_dir, "metrics.jsonl")
-        if dist.get_rank() == 0 and not resumed:  # a new run starts a new record; a resumed one appends
-            os.makedirs(cfg.logging.output_dir, exist_ok=True)
-            open(self.path, "w").close()
+        if dist.get_rank() == 0:
+            if resumed_at is not None:
+                supersede_records(self.path, resumed_at)
+            elif not resumed:  # a new run starts a new record
+                os.makedirs(cfg.logging.output_dir, exist_ok=True)
+                open(self.path, "w").close()
         self._reset()
 
     def _reset(self):
