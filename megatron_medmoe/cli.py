@@ -10,6 +10,7 @@ def _train(args) -> int:
     from .training.run import run_train
 
     shorthands = [f"checkpoint.{key}={value}" for key, value in (("load", args.load), ("save", args.save)) if value]
+    shorthands += ["checkpoint.fallback=true"] if args.ckpt_fallback else []
     return run_train(args.config, [*shorthands, *args.overrides], args.stage)
 
 
@@ -87,15 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model from a YAML recipe",
         description="Train from a YAML recipe, stage by stage. Run directly, it starts the worker processes the "
                     "parallel layout needs; under torchrun, srun or mpirun it joins as one rank. A run whose "
-                    "checkpoint.save already holds a checkpoint resumes from it. Exit codes: 0 done, 2 bad "
-                    "configuration, 3 bad input, 4 non-finite loss, 75 stopped by a signal or the wall clock "
-                    "after saving (run again to resume).")
+                    "checkpoint.save already holds a checkpoint resumes from it (after verifying it against its "
+                    "manifest). One run at a time per save and output directory. Exit codes: 0 done, 2 bad "
+                    "configuration or a directory in use by another run, 3 bad input (a damaged checkpoint, a "
+                    "full disk), 4 non-finite loss, 75 stopped by a signal or the wall clock after saving what "
+                    "was new (run again to resume).")
     train.add_argument("config", help="YAML recipe (see examples/)")
     train.add_argument("--stage", metavar="NAME", help="run only this stage of a recipe with stages")
     train.add_argument("--load", metavar="DIR", help="checkpoint.load: continue from this checkpoint (or the latest "
                                                      "complete one in this save directory) when --save holds none")
     train.add_argument("--save", metavar="DIR", help="checkpoint.save: save here, and resume from here when it "
                                                      "already holds a checkpoint")
+    train.add_argument("--ckpt-fallback", action="store_true",
+                       help="checkpoint.fallback: when the latest checkpoint does not verify, load the newest one "
+                            "that does (saying so) instead of stopping")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. parallel.tensor=2")
     train.set_defaults(func=_train)
 
@@ -142,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from .runtime.lifeline import watch_lifeline
     from .runtime.quiet import silence_known_noise
 
+    watch_lifeline()  # a worker `medmoe` started itself dies with it
     silence_known_noise()
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)

@@ -16,7 +16,8 @@ class ModelConfig:
     ffn_hidden_size: int = 176  # SwiGLU intermediate size of the dense MLP (and of each expert)
     num_attention_heads: int = 4  # query heads
     num_query_groups: int = 2  # key/value heads (grouped-query attention)
-    vocab_size: Optional[int] = None  # null: the vocabulary of the tokenizer the datasets were preprocessed with
+    # null: the vocabulary of the tokenizer the datasets were preprocessed with; a number must be at least that
+    vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (layout-independent)
     max_position_embeddings: int = 32768  # longest sequence the rotary embedding is meant for
     rotary_base: float = 1000000.0  # rotary embedding theta (Qwen2: 1e6)
@@ -152,6 +153,9 @@ class CheckpointConfig:
     # start from this checkpoint (a checkpoint directory or a save directory's latest) when `save` has none
     load: Optional[str] = None
     finetune: bool = False  # with `load`: take the model weights only (fresh optimizer, step 0)
+    # when the latest checkpoint does not verify against its manifest (a damaged or missing file): load the
+    # newest one that does, saying so, instead of stopping with an error (medmoe train --ckpt-fallback)
+    fallback: bool = False
     # GPU distributed optimizer: dp_reshardable (fast; loads only under the same TP/PP/EP) or fully_reshardable
     # (loads under any layout). The CPU optimizer's state always reshards.
     optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"

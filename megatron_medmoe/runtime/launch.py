@@ -1,10 +1,12 @@
 """Start the local worker processes a layout needs, when `medmoe` runs outside any launcher.
 
 Each worker is `python -m megatron_medmoe <same arguments>` with torchrun-style variables (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so it joins exactly as under torchrun. Signals sent
-to this parent are forwarded to every worker; if a worker fails, the others are stopped. Each worker leads
-its own process group, and whatever is left of a group when the job ends (helper processes of a rank that
-was killed, e.g. checkpoint writers, which would hold the job's output pipes open) is killed with it.
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so it joins exactly as under torchrun. Stop signals sent
+to this parent (SIGINT, SIGTERM, SIGUSR1, SIGHUP) are forwarded to every worker; if a worker fails, the
+others are stopped. Each worker leads its own process group, and whatever is left of a group when the job
+ends (helper processes of a rank that was killed, e.g. checkpoint writers, which would hold the job's output
+pipes open) is killed with it. Workers hold a lifeline to this parent (runtime/lifeline.py): if the parent
+dies, even by SIGKILL, each worker kills its group.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import socket
 import subprocess
 import sys
 import time
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE
+from .lifeline import LIFELINE_ENV, open_lifeline
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 def free_port() -> int:
@@ -47,19 +50,36 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float = 30.0) -> int:
+def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float = 30.0, pass_fds: Sequence[int] = (),
+                      on_signal: Optional[Callable[[int], None]] = None) -> int:
     """Run `python -m megatron_medmoe *argv` as `world_size` ranks; return the job's exit code.
 
     A worker that exits with an error makes the others stop after `grace_seconds` (they would wait for it
-    in a collective forever); EXIT_REQUEUE is not an error: ranks stopping on a signal exit with it."""
+    in a collective forever); EXIT_REQUEUE is not an error: ranks stopping on a signal exit with it, and so
+    does the job when it was asked to stop and its workers died of a signal. `pass_fds` are shared with
+    every worker (a run's directory locks); `on_signal` hears every stop signal this parent receives."""
     port = free_port()
-    procs: List[subprocess.Popen] = [
-        subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], env=worker_env(r, world_size, port),
-                         process_group=0)
-        for r in range(world_size)
-    ]
+    read_fd, write_fd = open_lifeline()
+    procs: List[subprocess.Popen] = []
+    try:
+        for r in range(world_size):
+            env = worker_env(r, world_size, port)
+            env[LIFELINE_ENV] = str(read_fd)
+            procs.append(subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], env=env,
+                                          process_group=0, pass_fds=(read_fd, *pass_fds)))
+    except BaseException:
+        os.close(write_fd)
+        for p in procs:
+            _kill_group(p)
+        raise
+    finally:
+        os.close(read_fd)
+    stopping: List[int] = []
 
     def forward(signum, _frame):
+        if on_signal is not None:
+            on_signal(signum)
+        stopping.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -81,10 +101,13 @@ def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float
             signal.signal(s, handler)
         for p in procs:
             _kill_group(p)
+        os.close(write_fd)
     codes = [p.returncode for p in procs]
     failures = [c for c in codes if c not in (EXIT_OK, EXIT_REQUEUE)]
     if not failures:
-        return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_OK
+        return EXIT_REQUEUE if EXIT_REQUEUE in codes or stopping else EXIT_OK
     # the first rank that failed on its own account (not killed by us) tells what happened
     own = [c for c in failures if c > 0]
+    if not own and stopping:  # asked to stop, and killed before it could save: resume from the last checkpoint
+        return EXIT_REQUEUE
     return own[0] if own else EXIT_FAILURE

@@ -4,9 +4,10 @@
     SAVE_DIR/latest_checkpointed_iteration.txt
 
 A checkpoint holds the model, the optimizer, the learning-rate schedule, every rank's random-number
-states and the training state (step, data position). It is written under iter_N.partial and renamed
-only after every rank has finished, then marked latest; so a crash at any moment leaves the previous
-checkpoints intact and `find_checkpoint` never returns a half-written one.
+states and the training state (step, data position). It is written under iter_N.partial with a manifest of
+every file's size and checksum (training/manifest.py), renamed only after every rank has finished, then
+marked latest; so a crash at any moment leaves the previous checkpoints intact. Loads verify the manifest
+first: a damaged checkpoint is an error naming the file (or, with checkpoint.fallback, skipped loudly).
 
 dist_checkpointing reshards: model weights load under any TP/PP/EP layout. Optimizer state does too on
 CPU (AdamW's moments are sharded like the weights) and on GPU when saved with
@@ -16,6 +17,7 @@ not slot (model/placement.py), so padding slots are neither saved nor expected.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -27,16 +29,21 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
 
 from ..config import RunConfig, dump_config
 from ..config.validate import grad_bucket_size
 from ..model.experts import SlottedSequentialMLP
-from .checkpoint_paths import LATEST, _ITER_DIR, CheckpointError, find_checkpoint, iteration_dir, latest_iteration
+from ..runtime.distributed import collective_device
+from .checkpoint_paths import (LATEST, CheckpointError, find_checkpoint, iteration_dir, latest_iteration,
+                               saved_iterations)
+from .manifest import (checkpoint_problem, checksum_files, damaged_message, fallback_candidates, files_of_rank,
+                       read_manifest, write_manifest)
 from .optimizer import schedule_changes
 
 __all__ = ["CheckpointError", "TrainState", "current_layout", "find_checkpoint", "iteration_dir", "latest_iteration",
-           "load_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "save_checkpoint", "verified_path"]
 
 @dataclass
 class TrainState:
@@ -99,15 +106,13 @@ def _optimizer_state(optimizer, model_state: dict, cfg: RunConfig, is_loading: b
 
 def save_checkpoint(save_dir: str, state: TrainState, chunks: List[torch.nn.Module], cfg: RunConfig,
                     optimizer=None, scheduler=None) -> str:
-    """Write iteration `state.iteration` aside, move it into place once every rank is done, mark it
-    latest, then drop checkpoints beyond checkpoint.keep_last."""
+    """Write iteration `state.iteration` aside with its manifest, move it into place once every rank is done,
+    mark it latest, then drop checkpoints beyond checkpoint.keep_last. A disk that cannot hold it is found
+    before anything is written where possible, and otherwise the partial checkpoint is removed: either way
+    the previous checkpoint stays the latest and CheckpointError names the directory and the space needed."""
     on_gpu = torch.cuda.is_available()
     final = iteration_dir(save_dir, state.iteration)
     partial = f"{final}.partial"
-    if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    dist.barrier()
     model_state = _model_state(chunks)
     sharded = dict(model_state)
     if optimizer is not None:
@@ -115,27 +120,150 @@ def save_checkpoint(save_dir: str, state: TrainState, chunks: List[torch.nn.Modu
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     sharded["rng_state"] = _rng_object(_rng_state())
     sharded["train_state"] = asdict(state)
-    dist_checkpointing.save(sharded, partial)
-    dist.barrier()
+    needed = _bytes_to_write(sharded, save_dir)
     if dist.get_rank() == 0:
-        dump_config(cfg, os.path.join(partial, "run_config.yaml"))
-        if os.path.exists(final):  # saving the same step again replaces it whole
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = os.path.join(save_dir, f".{LATEST}.tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{state.iteration}\n")
-        os.replace(tmp, os.path.join(save_dir, LATEST))
+        _remove_partials(save_dir)  # left by saves that died: we hold the directory's lock
+    _check_free_space(save_dir, needed, state.iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(partial)
+    dist.barrier()
+    failure = None
+    try:
+        dist_checkpointing.save(sharded, partial)
+    except BaseException as e:  # CheckpointException (a BaseException) too: the coordinator raises for any rank
+        failure = e
+    failure = _agree_on_failure(failure)
+    entries = {}
+    if failure is None:
+        try:
+            if dist.get_rank() == 0:
+                dump_config(cfg, os.path.join(partial, "run_config.yaml"))
+            entries = checksum_files(partial, files_of_rank(partial, dist.get_rank()))
+        except OSError as e:
+            failure = e
+        failure = _agree_on_failure(failure)
+    if failure is None:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, entries)
+        if dist.get_rank() == 0:
+            try:
+                write_manifest(partial, {k: v for part in gathered for k, v in part.items()})
+                if os.path.exists(final):  # saving the same step again replaces it whole
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                _write_latest(save_dir, state.iteration)
+            except OSError as e:
+                failure = e
+        failure = _agree_on_failure(failure)
+    if failure is not None:
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(_save_failure_message(failure, save_dir, state.iteration, needed)) from None
+    if dist.get_rank() == 0:
         _keep_last(save_dir, cfg.checkpoint.keep_last, state.iteration)
     dist.barrier()
     return final
 
 
+def _write_latest(save_dir: str, iteration: int) -> None:
+    tmp = os.path.join(save_dir, f".{LATEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(save_dir, LATEST))
+
+
+def _remove_partials(save_dir: str) -> None:
+    for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+        if name.startswith("iter_") and name.endswith(".partial"):
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+
+
+def _bytes_to_write(sharded: dict, save_dir: str) -> int:
+    """About how much the checkpoint takes on disk: the tensors every rank writes (main replicas), at least
+    what the previous checkpoint took."""
+    local = sum(v.data.numel() * v.data.element_size() for v in nested_values(sharded)
+                if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id))
+    total = torch.tensor([local], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(total)
+    previous = 0
+    try:
+        latest = latest_iteration(save_dir)
+    except CheckpointError:
+        latest = None
+    if latest is not None:
+        try:
+            previous = sum(e["size"] for e in read_manifest(iteration_dir(save_dir, latest)).values())
+        except CheckpointError:
+            pass
+    return max(int(total.item()), previous)
+
+
+def _free_bytes(directory: str) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _free_everywhere(save_dir: str) -> int:
+    """Collective: rank 0's view of the free space (ranks agree on it)."""
+    free = torch.tensor([_free_bytes(save_dir) if dist.get_rank() == 0 else 0], dtype=torch.float64,
+                        device=collective_device())
+    dist.broadcast(free, src=0)
+    return int(free.item())
+
+
+def _check_free_space(save_dir: str, needed: int, iteration: int) -> None:
+    """Collective: refuse a save the disk cannot hold before writing any of it (5% margin for metadata)."""
+    free = _free_everywhere(save_dir)
+    if free < needed * 1.05:
+        raise CheckpointError(_disk_full(save_dir, iteration, needed, free))
+
+
+def _disk_full(save_dir: str, iteration: int, needed: int, free: int) -> str:
+    return (f"cannot save step {iteration} to {save_dir}: not enough disk space (the checkpoint needs about "
+            f"{_gib(needed)}, {_gib(free)} free). Nothing of it was kept and the previous checkpoint stays the "
+            "latest; free space (or set checkpoint.keep_last) and run the same command again")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _agree_on_failure(failure: Optional[BaseException]) -> Optional[BaseException]:
+    """Collective: every rank learns whether any rank failed; ranks that did not keep a stand-in error."""
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag.item()) and failure is None:
+        return RuntimeError("another rank could not write its part")
+    return failure
+
+
+def _save_failure_message(failure: BaseException, save_dir: str, iteration: int, needed: int) -> str:
+    """Collective (after the partial checkpoint was removed). A disk that filled up while writing shows as many
+    errors (torch's zip writer reports a wrong position, not ENOSPC): the free space tells."""
+    dist.barrier()
+    free = _free_everywhere(save_dir)
+    if _is_disk_full(failure) or free < needed * 1.05:
+        return _disk_full(save_dir, iteration, needed, free)
+    first_line = (str(failure).strip().splitlines() or [""])[0]
+    return (f"cannot save step {iteration} to {save_dir}: {type(failure).__name__}: {first_line}. The partial "
+            "checkpoint was removed and the previous checkpoint stays the latest")
+
+
+def _is_disk_full(failure: BaseException) -> bool:
+    seen = failure
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _keep_last(save_dir: str, keep: Optional[int], latest: int) -> None:
     if not keep:
         return
-    iterations = sorted(int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(save_dir)) if m)
-    for iteration in iterations[:-keep]:
+    for iteration in saved_iterations(save_dir)[:-keep]:
         if iteration != latest:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
 
@@ -151,18 +279,66 @@ def _padding_prefixes(chunk) -> List[str]:
     return prefixes
 
 
+def _problem_anywhere(path: str) -> Optional[str]:
+    """Collective: the ranks verify the checkpoint together (each checksums a share of its files)."""
+    problem = checkpoint_problem(path, share=(dist.get_rank(), dist.get_world_size()))
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def verified_path(load_dir: str, fallback: bool = False, resuming: bool = False) -> str:
+    """Collective: the checkpoint to load from `load_dir` (a checkpoint, or a save directory's latest), verified
+    against its manifest. A damaged latest is a CheckpointError naming the file, or with `fallback` the newest
+    checkpoint of the save directory that verifies, announced loudly. When resuming (our own save directory,
+    whose lock we hold) the damaged newer checkpoints are set aside as iter_N.damaged and latest rewritten."""
+    try:
+        path = find_checkpoint(load_dir)
+        problem = _problem_anywhere(path)
+    except CheckpointError as e:  # LATEST unreadable or naming a missing iteration
+        if not saved_iterations(load_dir):
+            raise
+        path, problem = None, str(e)
+    if problem is None:
+        return path
+    if not fallback:
+        raise CheckpointError(damaged_message(problem))
+    for candidate in fallback_candidates(load_dir):
+        if candidate != path and _problem_anywhere(candidate) is None:
+            break
+    else:
+        raise CheckpointError(f"{problem}; and no other checkpoint in {load_dir} verifies (checkpoint.fallback)")
+    if dist.get_rank() == 0:
+        print(f"WARNING: {problem}.\nWARNING: checkpoint.fallback: loading {candidate} instead, the newest checkpoint "
+              f"of {load_dir} that verifies; the steps after it are trained again", flush=True)
+        if resuming:
+            _set_aside_newer(load_dir, candidate)
+    dist.barrier()
+    return candidate
+
+
+def _set_aside_newer(save_dir: str, kept: str) -> None:
+    kept_iteration = int(os.path.basename(kept)[len("iter_"):])
+    for iteration in saved_iterations(save_dir):
+        if iteration > kept_iteration:
+            damaged = iteration_dir(save_dir, iteration)
+            os.replace(damaged, f"{damaged}.damaged")
+            print(f"WARNING: set aside {damaged} as {damaged}.damaged", flush=True)
+    _write_latest(save_dir, kept_iteration)
+
+
 def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig, optimizer=None,
-                    scheduler=None) -> TrainState:
+                    scheduler=None, resuming: bool = False) -> TrainState:
     """Load in place. With an optimizer: everything (resume); without: the model weights only.
 
     Returns the saved training state (for a weights-only load, the caller starts from step 0).
     """
     on_gpu = torch.cuda.is_available()
-    path = find_checkpoint(load_dir)
+    path = verified_path(load_dir, cfg.checkpoint.fallback, resuming)
     try:
         common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:  # dist_checkpointing raises several kinds for a broken or foreign checkpoint
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    except BaseException as e:  # dist_checkpointing raises several kinds for a broken or foreign checkpoint
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     saved = TrainState(**common.get("train_state", {}))
     layout = current_layout(cfg, on_gpu)
     same_layout = saved.layout == layout
@@ -184,8 +360,8 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
         sharded["rng_state"] = _rng_object(None)
     try:
         loaded = dist_checkpointing.load(sharded, path)
-    except Exception as e:
-        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from e
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 LATEST = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -22,15 +22,32 @@ def iteration_dir(save_dir: str, iteration: int) -> str:
 
 
 def latest_iteration(save_dir: str) -> Optional[int]:
+    """The iteration LATEST names, None without the file; CheckpointError when it cannot be read as one."""
     path = os.path.join(save_dir, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        text = f.read().strip()
     try:
+        with open(path, "rb") as f:
+            raw = f.read(4096)
+        text = raw.decode("ascii").strip()
+        if not text.isdigit():
+            raise ValueError
         return int(text)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: expected an iteration number, got {text!r}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from e
+    except (ValueError, UnicodeDecodeError):
+        shown = repr(raw[:40].decode()) if raw[:40].isascii() and raw[:40].decode().isprintable() else \
+            f"{len(raw)} bytes of binary data"
+        raise CheckpointError(f"{path} is damaged: expected an iteration number, got {shown}") from None
+
+
+def saved_iterations(save_dir: str) -> List[int]:
+    """The iterations a save directory holds a directory for (complete or not), ascending."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_DIR.match, names) if m)
 
 
 def find_checkpoint(load_dir: str) -> str:

@@ -9,6 +9,7 @@ SIGUSR1 or the wall-clock limit passed, all ranks at the same step (exit code EX
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -26,11 +27,11 @@ from ..model.gpt import build_model_chunks
 from ..runtime.distributed import collective_device, initialize_distributed, shutdown_distributed
 from ..runtime.env import DistEnv
 from ..runtime.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from .checkpoint import TrainState, current_layout, latest_iteration, load_checkpoint, save_checkpoint
+from .checkpoint import LATEST, TrainState, current_layout, load_checkpoint, save_checkpoint
 from .loggers import open_writers
 from .metrics import TrainingMetrics
 from .optimizer import build_optimizer, build_scheduler, current_lr, step_if_finite
-from .signals import StopRequest
+from .signals import process_stop_request
 from .step import make_forward_step, sum_reports
 
 
@@ -71,8 +72,8 @@ def say(message: str) -> None:
 def _start(cfg: RunConfig, models, optimizer, scheduler, on_gpu: bool) -> Tuple[TrainState, bool]:
     """(training state, whether this continues an earlier run of this stage)."""
     ck = cfg.checkpoint
-    if ck.save and latest_iteration(ck.save) is not None:
-        state = load_checkpoint(ck.save, models, cfg, optimizer, scheduler)
+    if ck.save and os.path.isfile(os.path.join(ck.save, LATEST)):
+        state = load_checkpoint(ck.save, models, cfg, optimizer, scheduler, resuming=True)
         say(f"resuming from {ck.save} at step {state.iteration} (row {state.consumed_rows})")
         return state, True
     if ck.load and ck.finetune:
@@ -119,8 +120,9 @@ def _train(cfg: RunConfig) -> int:
     training_data = TrainingData(cfg, registry, total_rows=state.consumed_rows + remaining * tr.global_batch_size)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     batches = batch_source(training_data, dp_rank, dp_size, state.consumed_rows)
-    writers = open_writers(cfg, config_to_dict(cfg)) if dist.get_rank() == 0 else []
-    metrics = TrainingMetrics(models, registry, cfg, writers, resumed=resumed)
+    resumed_at = state.iteration if resumed else None  # records after it, from a run that died, are superseded
+    writers = open_writers(cfg, config_to_dict(cfg), resumed_at=resumed_at) if dist.get_rank() == 0 else []
+    metrics = TrainingMetrics(models, registry, cfg, writers, resumed=resumed, resumed_at=resumed_at)
     forward_step = make_forward_step(registry.num_experts)
     forward_backward = get_forward_backward_func()
     tokens_per_step = tr.global_batch_size * data.seq_length
@@ -138,9 +140,14 @@ def _train(cfg: RunConfig) -> int:
             return None
         return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
 
-    stop = StopRequest(tr.max_wall_minutes).install()
+    stop = process_stop_request()  # installed when the rank started: it holds signals of the start-up too
+    stop.set_wall_limit(tr.max_wall_minutes)
     saved_at = None
     try:
+        if stop.agreed(signals_only=True) is not None:  # a signal during start-up: nothing new to save
+            say(f"stopping before step {state.iteration + 1}: a stop signal arrived during start-up; nothing new "
+                "to save, run the same command again to resume")
+            return EXIT_REQUEUE
         while state.iteration < tr.train_steps:
             for m in model:
                 m.zero_grad_buffer()
@@ -189,6 +196,5 @@ def _train(cfg: RunConfig) -> int:
                 say(f"saved checkpoint {path}")
         return EXIT_OK
     finally:
-        stop.uninstall()
         metrics.close()
 

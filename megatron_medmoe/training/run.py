@@ -1,9 +1,10 @@
 """`medmoe train`: load and validate the recipe, then run its stages in order.
 
 Each stage either starts the worker processes its layout needs (no launcher) or runs in this rank
-(torchrun, srun, mpirun). A stage whose save directory already holds its final step is skipped, so the
+(torchrun, srun, mpirun), holding its save and output directories' locks meanwhile (training/run_lock.py).
+A stage whose save directory already holds its final step in a checkpoint that verifies is skipped, so the
 same command resumes a multi-stage run wherever it stopped. `--stage NAME` runs one stage (a chained
-Slurm job per stage).
+Slurm job per stage). A stop signal at any point ends the run with EXIT_REQUEUE.
 """
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from typing import List, Optional, Sequence
 from ..config import ConfigError, Stage, dump_config, load_stages, resolve_config, world_size_of
 from ..model.backend import BackendError, check_machine, use_transformer_engine
 from ..runtime.env import DistEnv, LaunchEnvError, detect_launch_env
-from ..runtime.exit_codes import EXIT_CONFIG, EXIT_INPUT, EXIT_OK
+from ..runtime.exit_codes import EXIT_CONFIG, EXIT_INPUT, EXIT_OK, EXIT_REQUEUE
 from ..runtime.launch import run_local_workers
+from .checkpoint_paths import CheckpointError
+from .manifest import checkpoint_problem, damaged_message
+from .run_lock import RunLockError, lock_directories
+from .signals import process_stop_request
 
 # set on the workers `medmoe train` starts itself, whose parent already printed the resolved config
 LOCAL_WORKER_ENV = "MEDMOE_LOCAL_WORKER"
@@ -70,18 +75,30 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
     return stages
 
 
-def _complete(stage: Stage) -> bool:
-    from .checkpoint_paths import CheckpointError, latest_iteration
+def _complete(stage: Stage, coordinator: bool) -> bool:
+    """Whether the stage's save directory holds its final step in a checkpoint that verifies (the coordinator
+    checksums it; other ranks compare sizes, enough to agree on every damage but a same-size overwrite, which
+    the coordinator's refusal then stops the job for). Raises CheckpointError for a latest checkpoint that is
+    unreadable, missing or damaged, unless checkpoint.fallback lets the workers fall back to an earlier one."""
+    from .checkpoint_paths import find_checkpoint, latest_iteration
 
     save = stage.config.checkpoint.save
     try:
         done = latest_iteration(save) if save else None
-    except CheckpointError:
+        if done is None or done < stage.config.training.train_steps or stage.config.training.train_steps <= 0:
+            return False
+        problem = checkpoint_problem(find_checkpoint(save), checksums=coordinator)
+    except CheckpointError as e:
+        problem = str(e)
+    if problem and stage.config.checkpoint.fallback:
         return False
-    return done is not None and done >= stage.config.training.train_steps > 0
+    if problem:
+        raise CheckpointError(damaged_message(problem))
+    return True
 
 
 def run_train(config_path: str, overrides: Sequence[str], only: Optional[str] = None) -> int:
+    stop = process_stop_request()  # first: a signal from here on is a stop request, never a crash
     try:
         env = detect_launch_env()
         stages = _resolved(config_path, overrides, env, only)
@@ -89,27 +106,56 @@ def run_train(config_path: str, overrides: Sequence[str], only: Optional[str] = 
         print(f"medmoe train: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     local_worker = os.environ.get(LOCAL_WORKER_ENV) == "1"
+    # the launcher started directly holds the directories' locks for its workers; under torchrun, srun or mpirun rank 0
+    coordinator = env is None or (env.rank == 0 and not local_worker)
     for stage in stages:
         label = f"stage {stage.name!r}" if stage.name else "the run"
-        if _complete(stage):
-            if not local_worker and (env is None or env.rank == 0):
-                print(f"{label} is complete ({stage.config.checkpoint.save} holds step "
-                      f"{stage.config.training.train_steps}): skipped", flush=True)
-            continue
-        if env is None:
-            announce(stage)
-            world = world_size_of(stage.config)
-            print(f"{label}: starting {world} local worker process(es)", flush=True)
-            os.environ[LOCAL_WORKER_ENV] = "1"
-            argv = ["train", config_path, *(["--stage", stage.name] if stage.name else []), *overrides]
-            code = run_local_workers(argv, world)
-        else:
-            if env.rank == 0 and not local_worker:
-                announce(stage)
-            code = _train_here(stage, env)
+        if stop.received:
+            if coordinator:
+                print(f"stopping before {label} on {stop.received}: run the same command again to resume", flush=True)
+            return EXIT_REQUEUE
+        try:
+            lock = lock_directories([stage.config.checkpoint.save, stage.config.logging.output_dir]) \
+                if coordinator else None
+        except RunLockError as e:
+            print(f"medmoe train: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        try:
+            for line in lock.report() if lock else []:
+                print(line, flush=True)
+            code = _run_stage(stage, label, config_path, overrides, env, local_worker, lock, stop)
+        finally:
+            if lock is not None:
+                lock.release()
         if code != EXIT_OK:
             return code
+    if stop.received:  # the stages are done, but whoever asked to stop expects to be told so
+        return EXIT_REQUEUE
     return EXIT_OK
+
+
+def _run_stage(stage: Stage, label: str, config_path: str, overrides: Sequence[str], env: Optional[DistEnv],
+               local_worker: bool, lock, stop) -> int:
+    try:
+        complete = _complete(stage, coordinator=env is None or env.rank == 0)
+    except CheckpointError as e:  # a damaged latest checkpoint is never "complete"
+        print(f"medmoe train: {e}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    if complete:
+        if not local_worker and (env is None or env.rank == 0):
+            print(f"{label} is complete ({stage.config.checkpoint.save} holds step "
+                  f"{stage.config.training.train_steps}): skipped", flush=True)
+        return EXIT_OK
+    if env is None:
+        announce(stage)
+        world = world_size_of(stage.config)
+        print(f"{label}: starting {world} local worker process(es)", flush=True)
+        os.environ[LOCAL_WORKER_ENV] = "1"
+        argv = ["train", config_path, *(["--stage", stage.name] if stage.name else []), *overrides]
+        return run_local_workers(argv, world, pass_fds=lock.fds if lock else (), on_signal=stop.handle)
+    if env.rank == 0 and not local_worker:
+        announce(stage)
+    return _train_here(stage, env)
 
 
 def _train_here(stage: Stage, env: DistEnv) -> int:
@@ -130,5 +176,6 @@ def _train_here(stage: Stage, env: DistEnv) -> int:
             return run_lens(stage.config, env)
         return train(stage.config, env)
     except (DatasetError, CheckpointError, LensDataError, TokenizerError, LanguageTableError) as e:  # bad input: say what and where, no traceback
-        print(f"medmoe train [rank {env.rank}]: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"medmoe train [rank {env.rank}]: {e}\n")  # one write: ranks share the terminal
+        sys.stderr.flush()
         return EXIT_INPUT

@@ -1,11 +1,15 @@
 """Fault injection for tests: Python imports this module at start-up in every process whose PYTHONPATH
 holds tests/faults, so the `medmoe train` worker ranks of a real run can be made to fail on cue.
 
-MEDMOE_FAULT=KIND:RANK:WHEN, acted on only by the rank RANK (the RANK variable every worker has):
+MEDMOE_FAULT=KIND:RANK:WHEN, acted on only by the rank RANK (the RANK variable every worker has; * for all):
   kill_in_save:R:STEP   SIGKILL rank R right after it wrote its part of the checkpoint of step STEP,
                         before the other ranks finished (the checkpoint must never become the latest)
   nan_loss:R:CALL       the CALL-th micro-batch loss (0-based, counted on rank R) becomes NaN
   inf_grad:R:CALL       the CALL-th micro-batch loss stays finite but its gradient becomes inf
+  blind_disk:*:0        the check for free space before a save passes, so a save starts on a disk that cannot
+                        hold it (which then fills up while writing)
+  signal_at:R:PHASE     rank R sends itself SIGTERM at a point of its start-up: PHASE is model (building the
+                        model), load (loading a checkpoint) or data (building the data order)
 """
 import os
 import signal
@@ -46,12 +50,33 @@ def _install(kind: str, when: int) -> None:
             return loss, tokens, report
 
         step.masked_token_loss = faulty
+    elif kind == "blind_disk":
+        from megatron_medmoe.training import checkpoint
+
+        check = checkpoint._check_free_space
+        checkpoint._check_free_space = lambda save_dir, needed, iteration: check(save_dir, 0, iteration)
+    elif kind == "signal_at":
+        _signal_at(("model", "load", "data")[when])
     else:
         raise ValueError(f"MEDMOE_FAULT: unknown kind {kind!r}")
+
+
+def _signal_at(phase: str) -> None:
+    from megatron_medmoe.training import loop
+
+    name = {"model": "build_model_chunks", "load": "load_checkpoint", "data": "TrainingData"}[phase]
+    original = getattr(loop, name)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    setattr(loop, name, signalled)
 
 
 _fault = os.environ.get("MEDMOE_FAULT")
 if _fault and os.environ.get("MEDMOE_LOCAL_WORKER") == "1" and os.environ.get("RANK") is not None:
     _kind, _rank, _when = _fault.split(":")
-    if int(os.environ["RANK"]) == int(_rank):
-        _install(_kind, int(_when))
+    if _rank == "*" or int(os.environ["RANK"]) == int(_rank):
+        _when = ("model", "load", "data").index(_when) if _kind == "signal_at" else int(_when)
+        _install(_kind, _when)

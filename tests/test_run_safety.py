@@ -1,0 +1,132 @@
+"""One run per save directory, and no rank outlives its launcher: a second run on a directory in use is
+refused naming the holder (launcher or torchrun rank 0); the lock of a dead run is taken over; SIGKILL of the
+launcher takes its workers and their children with it; SIGHUP stops the run like SIGTERM; a signal during
+start-up (building the model, loading a checkpoint, building the data order) ends in exit 75 too."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO, cpu_env, read_metrics, run_medmoe, train_stage
+from megatron_medmoe.runtime.exit_codes import EXIT_CONFIG, EXIT_REQUEUE
+from megatron_medmoe.training.run_lock import LOCK_NAME, RunLockError, lock_directories
+
+FAULTS = str(REPO / "tests" / "faults")
+
+
+def args(root, *extra, steps=200):
+    return train_stage("cpt", f"training.train_steps={steps}", "logging.log_interval=1",
+                       f"checkpoint.save={root / 'ckpt'}", f"logging.output_dir={root / 'out'}", *extra)
+
+
+def start(argv, **env):
+    return subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], cwd=REPO, env=cpu_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc, root, step, timeout=300):
+    metrics = root / "out" / "cpt" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {proc.communicate()}")
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+HOLD = "import sys, time; from megatron_medmoe.training.run_lock import lock_directories; " \
+       "lock_directories(sys.argv[1:]); print('held', flush=True); time.sleep(600)"
+
+
+def holder(*directories):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, *map(str, directories)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    proc = holder(tmp_path)
+    try:
+        with pytest.raises(RunLockError, match=rf"{tmp_path} is in use by another run: pid {proc.pid} on "
+                                               rf"{socket.gethostname()}, started 20\d\d-"):
+            lock_directories([tmp_path])
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = lock_directories([tmp_path, tmp_path / "."])  # the same directory twice is locked once
+    assert len(lock.fds) == 1
+    assert f"took over the lock left by a run that ended without releasing it, {tmp_path}: pid {proc.pid}" \
+        in lock.report()[0]
+    lock.release()
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # a clean end names no holder
+    lock_directories([tmp_path]).release()
+
+
+@pytest.mark.parametrize("launcher", ["medmoe", "torchrun rank 0"])
+def test_a_second_run_on_a_directory_in_use_is_refused_before_it_writes(tmp_path, launcher):
+    out = tmp_path / "out"
+    proc = holder(out / "cpt")  # the output directory is in use (another run's, say)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"} \
+        if launcher != "medmoe" else {}
+    try:
+        refused = run_medmoe(args(tmp_path, "parallel.expert=1", "moe.expert_slots=null") if env else args(tmp_path),
+                             check=False, timeout=120, **env)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert refused.returncode == EXIT_CONFIG, refused.stderr[-2000:]
+    assert f"{out / 'cpt'} is in use by another run: pid {proc.pid}" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (out / "cpt" / "run_config.yaml").exists()
+
+
+def family(proc):
+    """The launcher's workers and everything they started."""
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+@pytest.mark.multiprocess
+def test_workers_die_with_a_killed_launcher_and_the_directory_is_free_again(tmp_path):
+    first = start(args(tmp_path, "checkpoint.save_interval=1"))
+    wait_for_step(first, tmp_path, 2)  # past a save: the checkpoint writers are running too
+    workers = family(first)
+    assert len(workers) >= 2
+    second = run_medmoe(args(tmp_path), check=False, timeout=120)  # the same command again, meanwhile
+    assert second.returncode == EXIT_CONFIG and f"pid {first.pid} on" in second.stderr
+
+    first.kill()  # SIGKILL: nothing of the launcher runs any more
+    first.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    lock = lock_directories([tmp_path / "ckpt" / "cpt", tmp_path / "out" / "cpt"])
+    assert any(f"pid {first.pid}" in line for line in lock.report())
+    lock.release()
+
+
+@pytest.mark.multiprocess
+def test_sighup_then_signals_during_start_up_all_end_in_exit_75(tmp_path):
+    run = start(args(tmp_path))
+    wait_for_step(run, tmp_path, 2)
+    run.send_signal(signal.SIGHUP)  # the terminal closed
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == EXIT_REQUEUE, err[-3000:]
+    stopped = max(r["step"] for r in read_metrics(tmp_path / "out", "cpt"))
+    assert f"stopping after step {stopped} on a stop signal: saved" in out
+    latest = tmp_path / "ckpt" / "cpt" / "latest_checkpointed_iteration.txt"
+
+    for phase in ("load", "data"):  # a SIGTERM on rank 1 while it loads the checkpoint / builds the data order
+        proc = run_medmoe(args(tmp_path), check=False, PYTHONPATH=FAULTS, MEDMOE_FAULT=f"signal_at:1:{phase}")
+        assert proc.returncode == EXIT_REQUEUE, proc.stderr[-3000:]
+        assert f"stopping before step {stopped + 1}: a stop signal arrived during start-up; nothing new to save" \
+            in proc.stdout
+        assert latest.read_text().strip() == str(stopped) and "Traceback" not in proc.stderr
+    fresh = tmp_path / "fresh"
+    proc = run_medmoe(args(fresh), check=False, PYTHONPATH=FAULTS, MEDMOE_FAULT="signal_at:0:model")
+    assert proc.returncode == EXIT_REQUEUE and "stopping before step 1" in proc.stdout, proc.stderr[-3000:]
