@@ -1,10 +1,12 @@
 """Hugging Face <-> megatron-core conversion, checked against transformers' own models built from tiny
 random configs (transformers' config classes, save_pretrained; nothing is downloaded): exact tensor round
 trips for dense Qwen2 (tied and untied), Qwen2-MoE and ApolloMoE, through checkpoints re-saved under TP 2,
-PP 2, EP 2 and TP 2 x EP 2 by real `medmoe train` processes; `verify` on each; upcycling as the spec
-predicts; and every kind of bad input with nothing left at the destination."""
+PP 2, EP 2 and TP 2 x EP 2 by real `medmoe train` processes; `verify` on each (hard routing included);
+upcycling as the spec predicts; what the ApolloMoE release code cannot load refused; and every kind of bad
+input (damaged safetensors headers too) with nothing left at the destination."""
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_medmoe
 from megatron_medmoe.convert.errors import ConvertError
+from megatron_medmoe.convert.hf_io import HFTensors
 from megatron_medmoe.convert.hf_to_mcore import hf_to_mcore
 from megatron_medmoe.convert.mcore_to_hf import mcore_to_hf
 from megatron_medmoe.runtime.exit_codes import EXIT_FAILURE, EXIT_INPUT
@@ -20,11 +23,11 @@ SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6)
 
 
-def dense_qwen2(path, tied=True, dtype=torch.float32, seed=0):
+def dense_qwen2(path, tied=True, dtype=torch.float32, seed=0, **shape):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=tied)).to(dtype)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, **shape}, tie_word_embeddings=tied)).to(dtype)
     with torch.no_grad():  # transformers zero-initialises biases: make the q/k/v bias transform matter
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -129,6 +132,62 @@ def test_apollo_moe_format_in_and_out(tmp_path):
     verify(apollo, again)
 
 
+@pytest.mark.parametrize("moe_last_n", [1, 3])
+def test_apollo_moe_refuses_moe_layers_its_release_code_does_not_build(tmp_path, moe_last_n):
+    """The release code makes exactly the last 2 layers MoE whatever config.json says."""
+    ckpt = hf_to_mcore(dense_qwen2(tmp_path / "hf"), str(tmp_path / "ckpt"), upcycle_last_n=moe_last_n, quiet=True)
+    with pytest.raises(ConvertError, match=f"its last {moe_last_n} layers MoE .* exactly the last 2 .* use --format "
+                                           "qwen2_moe"):
+        mcore_to_hf(ckpt, str(tmp_path / "apollo"), "apollo_moe", quiet=True)
+    assert not (tmp_path / "apollo").exists()
+
+
+def resave_hard_routed(ckpt, root):
+    """`ckpt` loaded and saved again by `medmoe train` with moe.routing=hard (each token to its family expert)."""
+    run_medmoe(["train", os.path.join(ckpt, "iter_0000000", "run_config.yaml"), "moe.routing=hard", "moe.topk=1",
+                f"checkpoint.load={ckpt}", "checkpoint.finetune=true", f"checkpoint.save={root / 'hard'}",
+                "training.train_steps=0", f"logging.output_dir={root / 'out'}"])
+    return str(root / "hard")
+
+
+@pytest.fixture(scope="module")
+def hard_routed(tmp_path_factory):
+    """(Qwen2-MoE source, our hard-routed checkpoint of it, its qwen2_moe export)."""
+    root = tmp_path_factory.mktemp("hard")
+    hf = qwen2_moe(root / "hf")
+    hard = resave_hard_routed(hf_to_mcore(hf, str(root / "ckpt"), quiet=True), root)
+    return hf, hard, mcore_to_hf(hard, str(root / "export"), "qwen2_moe", quiet=True)
+
+
+def test_hard_routing_is_refused_by_apollo_moe_and_noted_by_qwen2_moe(tmp_path, hard_routed, capsys):
+    hf, hard, export = hard_routed
+    with pytest.raises(ConvertError, match="moe.routing hard.* soft top-1: use --format qwen2_moe"):
+        mcore_to_hf(hard, str(tmp_path / "apollo"), "apollo_moe", quiet=True)
+    assert not (tmp_path / "apollo").exists()
+    mcore_to_hf(hard, str(tmp_path / "moe"), "qwen2_moe")
+    assert "(moe.routing hard), which no Hugging Face config can say" in capsys.readouterr().out
+    assert_same_tensors(hf, export)
+
+
+def test_verify_runs_transformers_with_the_hard_routing_of_the_checkpoint(hard_routed):
+    from megatron_medmoe.convert.verify import verify as verify_here
+
+    _, hard, export = hard_routed
+    agreement = verify_here(export, hard)  # transformers' routers send each token to its family expert, weight 1
+    assert agreement.passed, agreement.describe()
+    assert "hard routing: each token sent to a random family expert" in agreement.describe()
+
+
+def test_upcycled_and_hard_routed_at_step_zero_is_the_dense_model(tmp_path):
+    """Hard routing weighs its one expert (a copy of the dense MLP) by 1."""
+    from megatron_medmoe.convert.verify import verify_upcycled
+
+    hf = dense_qwen2(tmp_path / "hf")
+    hard = resave_hard_routed(hf_to_mcore(hf, str(tmp_path / "up"), upcycle_last_n=2, quiet=True), tmp_path)
+    agreement = verify_upcycled(hf, hard)
+    assert agreement.passed, agreement.describe()
+
+
 def test_upcycled_model_at_step_zero_is_the_dense_model_as_the_spec_predicts(tmp_path):
     hf = dense_qwen2(tmp_path / "hf")
     proc = run_medmoe(["convert", "hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "up"), "--upcycle-last-n", "2",
@@ -211,19 +270,67 @@ def truncate(d):
     (d / "model.safetensors").write_bytes(data[:len(data) // 2])
 
 
+def rewrite_header(path, change):
+    """Apply change(header) to a safetensors file's JSON header, the tensor bytes left as they are."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+def short_byte_range(d):
+    def change(header):
+        header["model.layers.1.mlp.up_proj.weight"]["data_offsets"][1] -= 4
+    rewrite_header(d / "model.safetensors", change)
+
+
 @pytest.mark.parametrize("change, message", [
     (drop_tensor, "tensor 'model.layers.1.self_attn.k_proj.bias' is missing"),
     (reshape_tensor, "tensor 'model.layers.2.mlp.up_proj.weight' has shape (90, 64), expected (96, 64)"),
     (set_config(model_type="llama"), "model_type 'llama' is not supported"),
     (truncate, "model.safetensors: cannot read it as safetensors (truncated"),
+    (short_byte_range, "model.safetensors: the safetensors header's entry for 'model.layers.1.mlp.up_proj.weight' "
+                       "is damaged: data_offsets"),
     (set_config(hidden_act="gelu"), "hidden_act='gelu' cannot be converted"),
-], ids=["missing", "shape", "model_type", "truncated", "activation"])
+], ids=["missing", "shape", "model_type", "truncated", "byte_range", "activation"])
 def test_bad_sources_are_refused_and_leave_nothing(tmp_path, change, message):
     hf = broken(tmp_path, change)
     proc = run_medmoe(["convert", "hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "out"), "--quiet"], check=False)
     assert proc.returncode == EXIT_INPUT, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
+
+
+def shift(name, by):
+    def change(header):
+        header[name]["data_offsets"] = [o + by for o in header[name]["data_offsets"]]
+    return change
+
+
+def set_entry(name, **fields):
+    def change(header):
+        header[name].update(fields)
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (shift("a", 4), "the byte ranges of 'a' [4, 20] and 'b' [16, 40] overlap"),
+    (shift("b", 10**9), "truncated, or its header is damaged: 'b' ends at byte"),
+    (set_entry("a", data_offsets=[-16, 0]), "entry for 'a' is damaged: data_offsets [-16, 0] is not a byte range"),
+    (set_entry("a", shape=[3, 2]), "entry for 'a' is damaged: data_offsets [0, 16] hold 16 bytes where F32 [3, 2] "
+                                   "needs 24"),
+    (set_entry("b", dtype="F8"), "entry for 'b' is damaged: dtype 'F8' is not a safetensors dtype"),
+    (lambda header: header["a"].pop("data_offsets"), "entry for 'a' is damaged: the entry is not an object"),
+], ids=["overlap", "outside", "negative", "size", "dtype", "no_offsets"])
+def test_a_damaged_safetensors_header_is_refused_naming_the_tensor(tmp_path, change, message):
+    save_file({"a": torch.ones(2, 2), "b": torch.zeros(6)}, tmp_path / "model.safetensors")
+    rewrite_header(tmp_path / "model.safetensors", change)
+    with pytest.raises(ConvertError) as refused:
+        HFTensors(str(tmp_path))
+    assert str(refused.value).startswith(f"{tmp_path / 'model.safetensors'}: ") and message in str(refused.value)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -24,6 +24,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+              "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}  # every safetensors dtype, read or not
 
 
 def _bytes_of(tensor: torch.Tensor):
@@ -32,6 +34,7 @@ def _bytes_of(tensor: torch.Tensor):
 
 
 def _read_header(path: str) -> Tuple[dict, int]:
+    """(tensor name -> header entry, where the data starts), every entry checked against the file."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -39,14 +42,44 @@ def _read_header(path: str) -> Tuple[dict, int]:
             if length > size - 8:
                 raise ValueError(f"header of {length} bytes in a file of {size}")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, struct.error) as e:
         raise ConvertError(f"{path}: cannot read it as safetensors ({e})") from e
     base = 8 + length
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    ranges = sorted((_byte_range(path, key, entry), key) for key, entry in entries.items())
+    for (first, previous), (second, key) in zip(ranges, ranges[1:]):
+        if second[0] < first[1]:  # overlapping tensors would read each other's bytes without complaint
+            raise ConvertError(f"{path}: the safetensors header is damaged: the byte ranges of {previous!r} "
+                               f"{list(first)} and {key!r} {list(second)} overlap")
+    end, last = max(((r[1], k) for r, k in ranges), default=(0, None))
     if base + end > size:
-        raise ConvertError(f"{path}: cannot read it as safetensors (truncated: its header describes "
-                           f"{base + end} bytes, the file has {size}); is the file complete?")
-    return header, base
+        raise ConvertError(f"{path}: cannot read it as safetensors (truncated, or its header is damaged: "
+                           f"{last!r} ends at byte {base + end}, the file has {size}); is the file complete?")
+    return entries, base
+
+
+def _byte_range(path: str, key: str, entry) -> Tuple[int, int]:
+    """A header entry's data_offsets, checked against its dtype and shape."""
+    def bad(what):
+        return ConvertError(f"{path}: the safetensors header's entry for {key!r} is damaged: {what}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise bad("the entry is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in ITEM_BYTES:
+        raise bad(f"dtype {dtype!r} is not a safetensors dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} is not a byte range [begin, end]")
+    need = _numel(shape) * ITEM_BYTES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise bad(f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes where {dtype} {shape} needs {need}")
+    return offsets[0], offsets[1]
 
 
 class HFTensors:
@@ -73,8 +106,7 @@ class HFTensors:
                 raise ConvertError(f"{path} does not exist (named by {INDEX})")
             header, base = _read_header(path)
             for key, entry in header.items():
-                if key != "__metadata__":
-                    self.info[key] = (path, base, entry)
+                self.info[key] = (path, base, entry)
         if weight_map:
             stray = sorted(k for k, f in weight_map.items() if k not in self.info)
             if stray:
@@ -97,9 +129,7 @@ class HFTensors:
         if entry["dtype"] not in DTYPES:
             raise ConvertError(f"{path}: {key} has dtype {entry['dtype']}, which is not supported")
         tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
-        begin, end = entry["data_offsets"]
-        if end - begin != tensor.numel() * tensor.element_size():
-            raise ConvertError(f"{path}: {key} has {end - begin} bytes for shape {entry['shape']} {entry['dtype']}")
+        begin, end = entry["data_offsets"]  # checked against dtype, shape and the file when the header was read
         with open(path, "rb") as f:
             f.seek(base + begin)
             if tensor.numel() and f.readinto(_bytes_of(tensor)) != end - begin:

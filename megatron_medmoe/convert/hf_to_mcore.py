@@ -1,9 +1,10 @@
 """`medmoe convert hf-to-mcore`: a Hugging Face Qwen2 / Qwen2-MoE / ApolloMoE directory to our checkpoint.
 
 The output is a save directory holding one layout-free torch_dist checkpoint (iter_0000000, weights
-only) with its run_config.yaml and the source's tokenizer files; `medmoe train` loads it under any
-TP/PP/EP with `checkpoint.load=OUT checkpoint.finetune=true`. A dense Qwen2 can be upcycled on the way
-(`upcycle_last_n`): every expert of the last N layers copies that layer's dense MLP, routers are fresh.
+only) with its run_config.yaml and manifest.json, and the source's tokenizer files; `medmoe train` loads
+it under any TP/PP/EP with `checkpoint.load=OUT checkpoint.finetune=true`. A dense Qwen2 can be upcycled
+on the way (`upcycle_last_n`): every expert of the last N layers copies that layer's dense MLP, routers
+are fresh.
 Tensors are read, transformed and written one at a time; everything is written beside OUT and renamed
 into place at the end, so a failure leaves nothing at OUT.
 """
@@ -19,6 +20,7 @@ import torch
 from ..config import ConfigError, RunConfig, dump_config, padded_vocab_size, resolve_config
 from ..languages import load_registry
 from ..model.upcycle import fresh_routers
+from ..training.manifest import checksum_files, files_of_rank, write_manifest
 from .errors import ConvertError
 from .hf_config import QWEN2, TABLE_BY_EXPERTS, parse_config, read_config
 from .hf_io import HFTensors
@@ -142,6 +144,8 @@ def hf_to_mcore(hf_dir: str, out_dir: str, upcycle_last_n: Optional[int] = None,
         torch.save({"train_state": {"iteration": 0, "consumed_rows": 0, "skipped_steps": 0, "layout": {}},
                     "converted_from": os.path.abspath(hf_dir)}, os.path.join(iteration, "common.pt"))
         dump_config(cfg, os.path.join(iteration, "run_config.yaml"))
+        # last, as training saves do: loads verify a checkpoint against it
+        write_manifest(iteration, checksum_files(iteration, files_of_rank(iteration, 0)))
         tokenizer = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, f))]
         if tokenizer:
             os.makedirs(os.path.join(partial, "tokenizer"))

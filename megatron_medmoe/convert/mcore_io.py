@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -38,13 +38,18 @@ class _ProduceOnWrite(DefaultSavePlanner):
         super().__init__()
         self.tensors = tensors
         self.on_tensor = on_tensor
+        self.error: Optional[ConvertError] = None  # torch wraps what the writer raises: kept to raise as itself
 
     def lookup_object(self, index):
         lazy = self.tensors[index.fqn]
-        tensor = lazy.produce()
-        if tuple(tensor.shape) != tuple(lazy.shape) or tensor.dtype != lazy.dtype:
-            raise ConvertError(f"{index.fqn}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{tuple(lazy.shape)} {lazy.dtype}")
+        try:
+            tensor = lazy.produce()
+            if tuple(tensor.shape) != tuple(lazy.shape) or tensor.dtype != lazy.dtype:
+                raise ConvertError(f"{index.fqn}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
+                                   f"{tuple(lazy.shape)} {lazy.dtype}")
+        except ConvertError as e:
+            self.error = e
+            raise
         self.on_tensor(index.fqn)
         return tensor.contiguous()
 
@@ -52,9 +57,15 @@ class _ProduceOnWrite(DefaultSavePlanner):
 def write_tensors(directory: str, tensors: Dict[str, LazyTensor], on_tensor: Callable[[str], None] = lambda k: None):
     """Write the model tensors of a torch_dist checkpoint into `directory` (which must exist)."""
     planned = {key: torch.empty(lazy.shape, dtype=lazy.dtype, device="meta") for key, lazy in tensors.items()}
-    # one file per tensor: torch's writer keeps every tensor of a file alive until the file is complete
-    dcp.save(planned, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1),
-             planner=_ProduceOnWrite(tensors, on_tensor), no_dist=True)
+    planner = _ProduceOnWrite(tensors, on_tensor)
+    try:
+        # one file per tensor: torch's writer keeps every tensor of a file alive until the file is complete
+        dcp.save(planned, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1),
+                 planner=planner, no_dist=True)
+    except Exception:
+        if planner.error is not None:
+            raise planner.error from None
+        raise
     # what megatron-core's dist_checkpointing.core.save_config writes (without importing megatron-core here)
     with open(os.path.join(directory, "metadata.json"), "w") as f:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",

@@ -2,7 +2,8 @@
 
 Formats: `qwen2` (dense models), `qwen2_moe` (stock transformers Qwen2MoeForCausalLM, loaded without
 trust_remote_code; the shared expert it always has is written with size 0, so it adds exactly zero) and
-`apollo_moe` (the released ApolloMoE layout and config fields). The checkpoint's run_config.yaml says
+`apollo_moe` (the released ApolloMoE layout and config fields; only what its release code loads as written:
+no shared expert, MoE in exactly the last 2 layers, no hard routing). The checkpoint's run_config.yaml says
 everything about the model; each tensor is read whole from the torch_dist checkpoint (experts from every
 expert-parallel rank, layers from every pipeline stage) one at a time, split into Hugging Face tensors and
 written into size-limited safetensors shards, beside OUT, renamed into place at the end.
@@ -18,6 +19,7 @@ import torch
 
 from ..config import load_config
 from ..training.checkpoint_paths import CheckpointError, find_checkpoint
+from ..training.manifest import checkpoint_problem
 from .errors import ConvertError
 from .hf_config import APOLLO_MOE, FORMATS, QWEN2, QWEN2_MOE, hf_config
 from .hf_io import ShardedOut, parse_size
@@ -29,12 +31,16 @@ from .progress import Progress
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def open_checkpoint(ckpt: str):
-    """(checkpoint directory, its run config): a checkpoint or a save directory's latest."""
+def open_checkpoint(ckpt: str, checksums: bool = True):
+    """(checkpoint directory, its run config): a checkpoint or a save directory's latest, verified against its
+    manifest (sizes only without `checksums`: for callers whose load verifies the checksums itself)."""
     try:
         path = find_checkpoint(ckpt)
+        problem = checkpoint_problem(path, checksums=checksums)
     except CheckpointError as e:
         raise ConvertError(str(e)) from e
+    if problem:
+        raise ConvertError(f"{problem}: convert a checkpoint that verifies (an earlier iter_N of the save directory)")
     run_config = os.path.join(path, "run_config.yaml")
     if not os.path.isfile(run_config):
         raise ConvertError(f"{path} has no run_config.yaml: cannot tell the model's shape")
@@ -84,9 +90,8 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
                            "use qwen2_moe or apollo_moe")
     if model_type != QWEN2 and not arch.moe_layers:
         raise ConvertError(f"{path} is a dense model (moe.moe_last_n 0): use --format qwen2")
-    if model_type == APOLLO_MOE and arch.shared_ffn:
-        raise ConvertError(f"{path} has a shared expert, which the released ApolloMoE layout cannot hold: use "
-                           "--format qwen2_moe")
+    if model_type == APOLLO_MOE:
+        _check_apollo_moe(path, cfg, arch)
     reader = CheckpointTensors(path)
     table = entries(arch)
     missing = [e.mcore for e in table if e.mcore not in reader]
@@ -130,6 +135,10 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
                     shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(partial, name))
         elif not quiet:
             print(f"note: no tokenizer files written (the checkpoint's datasets name none); pass --tokenizer DIR")
+        if cfg.moe.routing == "hard" and not quiet:
+            print(f"note: {path} routes each token to its family's expert (moe.routing hard), which no Hugging Face "
+                  "config can say: the tensors are exact, but transformers routes by the router (top 1, softmax "
+                  "weight); medmoe eval runs it as trained")
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(partial, out_dir)
@@ -137,6 +146,24 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out_dir
+
+
+APOLLO_MOE_LAYERS = 2  # the release code makes exactly the last 2 layers MoE, whatever config.json says
+
+
+def _check_apollo_moe(path: str, cfg, arch) -> None:
+    """What the ApolloMoE release code would load wrongly, refused rather than written."""
+    if arch.shared_ffn:
+        raise ConvertError(f"{path} has a shared expert, which the released ApolloMoE layout cannot hold: use "
+                           "--format qwen2_moe")
+    if len(arch.moe_layers) != APOLLO_MOE_LAYERS:
+        raise ConvertError(f"{path} makes its last {len(arch.moe_layers)} layers MoE (moe.moe_last_n); the ApolloMoE "
+                           f"release code builds MoE in exactly the last {APOLLO_MOE_LAYERS} and would load the other "
+                           "layers with random weights and only a warning: use --format qwen2_moe")
+    if cfg.moe.routing == "hard":
+        raise ConvertError(f"{path} routes each token to its family's expert with weight 1 (moe.routing hard); the "
+                           "ApolloMoE release code routes by the router and would run it as soft top-1: use "
+                           "--format qwen2_moe")
 
 
 def _absent_shared_expert(expert_name: str, hidden: int):

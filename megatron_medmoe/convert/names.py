@@ -8,7 +8,8 @@ between them. `{i}` is a layer, `{e}` an expert. The transforms are the places c
 - gate_up: the SwiGLU fc1 is [gate; up] stacked on the output dimension.
 - experts / experts_gate_up: one tensor per layer with the experts on a leading axis, in expert order.
 - vocab: rows beyond the tokenizer's vocabulary pad the embedding and output layer to a multiple of
-  model.make_vocab_size_divisible_by; they are zero on import and dropped on export.
+  model.make_vocab_size_divisible_by; they are zero on import and dropped on export (the model masks their
+  logits, so they never hold probability).
 The router is a plain copy: both sides take the softmax over all experts, then the top k, with no
 renormalisation (Qwen2-MoE's norm_topk_prob false).
 """
