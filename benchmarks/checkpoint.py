@@ -4,9 +4,11 @@
 
 One process (gloo, world size 1), fp32. A checkpoint is what `medmoe train` writes: the model, AdamW's two
 moments per weight, the learning-rate schedule, random states and the data position, in megatron-core's
-torch_dist format, written aside and renamed into place. Loading reads it back into the same model and
-optimizer (the resume path). Each round saves a new iteration and loads it; the table gives medians and the
-size on disk. Prints a markdown table for docs/benchmarks.md.
+torch_dist format, written aside with its manifest (a size and xxh3-128 checksum per file) and renamed into
+place. Loading verifies the manifest, then reads it back into the same model and optimizer (the resume path).
+Each round saves a new iteration and loads it; the table gives medians, the size on disk, and the part of the
+save spent checksumming and of the load spent verifying (what the save and load took before checkpoints had
+manifests is the rest). Prints a markdown table for docs/benchmarks.md.
 """
 import argparse
 import os
@@ -56,23 +58,46 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
+class Stopwatch:
+    """Wraps a function of a module and adds up the time spent in it."""
+
+    def __init__(self, module, name):
+        self.module, self.name, self.original, self.seconds = module, name, getattr(module, name), 0.0
+        setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def take(self):
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def measure(shape, rounds, workdir):
+    from megatron_medmoe.training import checkpoint
     from megatron_medmoe.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
     cfg, models, optimizer, scheduler = build(shape)
     params = sum(p.numel() for m in models for p in m.parameters())
     save_dir = os.path.join(workdir, shape)
-    saves, loads, size = [], [], 0
+    checksumming, verifying = Stopwatch(checkpoint, "checksum_files"), Stopwatch(checkpoint, "_problem_anywhere")
+    saves, loads, sums, checks, size = [], [], [], [], 0
     for r in range(rounds):
         start = time.perf_counter()
         path = save_checkpoint(save_dir, TrainState(iteration=r + 1), models, cfg, optimizer, scheduler)
         saves.append(time.perf_counter() - start)
+        sums.append(checksumming.take())
         size = dir_bytes(path)
         start = time.perf_counter()
         load_checkpoint(save_dir, models, cfg, optimizer, scheduler)
         loads.append(time.perf_counter() - start)
+        checks.append(verifying.take())
     shutil.rmtree(save_dir)
-    return params, size, saves, loads
+    return params, size, saves, loads, sums, checks
 
 
 def main():
@@ -83,14 +108,18 @@ def main():
     args = parser.parse_args()
     single_rank()
     print(f"Machine: {machine()}\n")
-    print("| model | parameters | checkpoint size | save, s (median; range) | load, s (median; range) |")
-    print("|---|---|---|---|---|")
+    print("| model | parameters | checkpoint size | save, s (median; range) | of which checksums | "
+          "load, s (median; range) | of which verifying |")
+    print("|---|---|---|---|---|---|---|")
     workdir = args.dir or tempfile.mkdtemp(prefix="medmoe-ckpt-")
     try:
         for shape in args.shapes:
-            params, size, saves, loads = measure(shape, args.rounds, workdir)
+            params, size, saves, loads, sums, checks = measure(shape, args.rounds, workdir)
             fmt = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
-            print(f"| {shape} | {params:,} | {size / 2**20:,.0f} MiB | {fmt(saves)} | {fmt(loads)} |", flush=True)
+            share = lambda part, whole: (f"{statistics.median(part):.2f} "  # noqa: E731
+                                         f"({statistics.median(p / w for p, w in zip(part, whole)):.0%})")
+            print(f"| {shape} | {params:,} | {size / 2**20:,.0f} MiB | {fmt(saves)} | {share(sums, saves)} | "
+                  f"{fmt(loads)} | {share(checks, loads)} |", flush=True)
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -66,11 +66,11 @@ def test_lape_finds_a_planted_neuron_and_tp2_agrees(initial, tmp_path):
         assert "selected neurons" in proc.stdout
         sets[tp] = json.loads((out / "neurons.json").read_text(encoding="utf-8"))
     assert sets[1]["neurons"] == sets[2]["neurons"]
-    layer0 = {lang: sets[1]["neurons"][lang].get("0", []) for lang in ("en", "zh", "fr")}
-    assert 7 in layer0["zh"] and 7 not in layer0["en"] and 7 not in layer0["fr"], layer0
+    layer1 = {lang: sets[1]["neurons"][lang].get("1", []) for lang in ("en", "zh", "fr")}  # layers count from 1
+    assert 7 in layer1["zh"] and 7 not in layer1["en"] and 7 not in layer1["fr"], layer1
     with open(tmp_path / "tp1" / "counts.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert rows[0]["unit"] == "layer 0" and int(rows[0]["zh"]) >= 1
+    assert rows[0]["unit"] == "layer 1" and int(rows[0]["zh"]) >= 1
     assert (tmp_path / "tp1" / "counts.png").stat().st_size > 1000
 
 
@@ -113,14 +113,14 @@ def test_steering_zeroes_exactly_the_chosen_neurons(megatron_single_rank):
     with torch.no_grad():
         run()
         base = dict(seen)
-        with Steering(model, {Unit(1): (torch.tensor(chosen), None)}):  # the last dense layer
+        with Steering(model, {Unit(2): (torch.tensor(chosen), None)}):  # the last dense layer
             run()
-        assert (seen[Unit(1)][..., chosen] == 0).all() and (base[Unit(1)][..., chosen] != 0).all()
-        assert torch.equal(seen[Unit(1)][..., others], base[Unit(1)][..., others])
-        assert torch.equal(seen[Unit(0)], base[Unit(0)])  # before the steered layer: untouched
+        assert (seen[Unit(2)][..., chosen] == 0).all() and (base[Unit(2)][..., chosen] != 0).all()
+        assert torch.equal(seen[Unit(2)][..., others], base[Unit(2)][..., others])
+        assert torch.equal(seen[Unit(1)], base[Unit(1)])  # before the steered layer: untouched
         gates = {}
         fc1 = units[1].fc1
-        with Steering(model, {Unit(1): (torch.tensor([4, 9]), torch.tensor([0.25, -0.2], dtype=torch.float64))}):
+        with Steering(model, {Unit(2): (torch.tensor([4, 9]), torch.tensor([0.25, -0.2], dtype=torch.float64))}):
             h = fc1.register_forward_hook(lambda m, a, out: gates.__setitem__("g", out[0][..., :176].clone()))
             run()
             h.remove()

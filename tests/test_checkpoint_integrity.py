@@ -103,12 +103,18 @@ def test_resuming_from_a_damaged_latest_stops_or_falls_back_loudly(two_checkpoin
 
 
 @pytest.mark.multiprocess
-def test_converting_a_damaged_checkpoint_names_the_file(two_checkpoints, tmp_path):
+def test_conversion_and_evaluation_refuse_a_damaged_checkpoint_naming_the_file(two_checkpoints, tmp_path):
     root, ckpt = copy_of(two_checkpoints, tmp_path)
     (ckpt / "iter_0000004" / "__0_0.distcp").unlink()
-    proc = run_medmoe(["convert", "mcore-to-hf", "--ckpt", str(ckpt), "--output", str(tmp_path / "hf")], check=False)
-    assert proc.returncode == EXIT_INPUT and "Traceback" not in proc.stderr
-    assert "iter_0000004/__0_0.distcp is missing" in proc.stderr and not (tmp_path / "hf").exists()
+    commands = {"convert": ["convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"),
+                            "--format", "qwen2_moe"],
+                "eval": ["eval", "mcq", "--ckpt", str(ckpt), "--data", str(REPO / "examples/data/mcq/en.jsonl"),
+                         "--limit", "1", "--output", str(tmp_path / "eval")]}
+    for name, command in commands.items():
+        proc = run_medmoe(command, check=False)
+        assert proc.returncode == EXIT_INPUT and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert "iter_0000004/__0_0.distcp is missing" in proc.stderr, name
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "eval").exists()
 
 
 def tmpfs(path, size):

@@ -190,6 +190,14 @@ def test_keep_last_and_the_wall_clock_limit(tmp_path):
     assert final["lr"] == pytest.approx(schedule.get_lr({}), rel=1e-9)
 
 
+def reseal(checkpoint_dir):
+    """A checkpoint edited on purpose gets a manifest of what it holds now (else it would not verify)."""
+    from megatron_medmoe.training.manifest import MANIFEST, checksum_files, write_manifest
+
+    write_manifest(str(checkpoint_dir), checksum_files(str(checkpoint_dir),
+                                                       [p.name for p in checkpoint_dir.iterdir() if p.name != MANIFEST]))
+
+
 class _NoOptimizer:
     param_groups = []
 
@@ -203,6 +211,7 @@ def test_dp_reshardable_optimizer_state_names_the_layout_rule(tmp_path):
     state = torch.load(common, weights_only=False)
     state["train_state"]["layout"].update(tensor=2, optimizer="distributed:dp_reshardable")
     torch.save(state, common)
+    reseal(common.parent)
     proc = run_medmoe(args(tmp_path, "parallel.expert=1", "moe.expert_slots=null", steps=2), check=False)
     assert proc.returncode == EXIT_INPUT
     assert "saved its optimizer state dp_reshardable under TP 2, PP 1, EP 1, gradient buckets one" in proc.stderr

@@ -47,7 +47,7 @@ def swiglu_units(model) -> List[UnitSlot]:
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     slots = []
     for layer in model.decoder.layers:
-        number = layer.layer_number - 1
+        number = layer.layer_number  # 1..num_layers over the whole model, as the training metrics number them
         mlp = layer.mlp
         if isinstance(mlp, MLP):
             slots.append(_slot(Unit(number), mlp, tp, rank))

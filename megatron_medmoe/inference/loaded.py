@@ -83,7 +83,7 @@ def open_model_config(ckpt: str):
     from ..convert.mcore_to_hf import open_checkpoint
 
     try:
-        return open_checkpoint(ckpt)
+        return open_checkpoint(ckpt, checksums=False)  # load_model's load verifies the checksums, ranks together
     except ConvertError as e:
         raise ModelLoadError(str(e)) from e
 

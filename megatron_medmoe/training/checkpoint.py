@@ -122,6 +122,7 @@ def save_checkpoint(save_dir: str, state: TrainState, chunks: List[torch.nn.Modu
     sharded["train_state"] = asdict(state)
     needed = _bytes_to_write(sharded, save_dir)
     if dist.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
         _remove_partials(save_dir)  # left by saves that died: we hold the directory's lock
     _check_free_space(save_dir, needed, state.iteration)
     if dist.get_rank() == 0:

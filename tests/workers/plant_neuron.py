@@ -2,8 +2,8 @@
 
     python plant_neuron.py SOURCE_CKPT OUT_SAVE_DIR NEURON TOKEN_ID...
 
-The planted neuron is NEURON of layer 0's dense MLP, and it fires exactly on the listed tokens: their
-embeddings get +0.05 in hidden dimension 0, every other token -0.05; layer 0's attention writes nothing to
+The planted neuron is NEURON of the first layer's dense MLP (layer 1 in neurons.json), and it fires exactly on the listed tokens: their
+embeddings get +0.05 in hidden dimension 0, every other token -0.05; that layer's attention writes nothing to
 dimension 0 (its output projection's row 0 is zeroed), so the MLP's normed input has the sign of the token's
 mark at dimension 0; the neuron's gate row reads only dimension 0 (x 10), so gate > 0 iff the token is listed.
 """
