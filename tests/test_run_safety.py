@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -45,9 +46,9 @@ HOLD = "import sys, time; from megatron_medmoe.training.run_lock import lock_dir
        "lock_directories(sys.argv[1:]); print('held', flush=True); time.sleep(600)"
 
 
-def holder(*directories):
+def holder(*directories, **env):
     proc = subprocess.Popen([sys.executable, "-c", HOLD, *map(str, directories)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, env=cpu_env(**env))
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -68,6 +69,26 @@ def test_a_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
     lock.release()
     assert (tmp_path / LOCK_NAME).read_text() == ""  # a clean end names no holder
     lock_directories([tmp_path]).release()
+
+
+def test_a_requeued_slurm_job_waits_for_its_earlier_incarnation(tmp_path, monkeypatch):
+    """Slurm keeps the job id across a requeue; a file server may release the old incarnation's lock late."""
+    proc = holder(tmp_path, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="0")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    threading.Timer(1.0, proc.kill).start()  # the old incarnation goes a second later
+    started = time.monotonic()
+    lock = lock_directories([tmp_path])
+    assert time.monotonic() - started >= 1.0 and f"pid {proc.pid}" in lock.report()[0]
+    lock.release()
+    proc.wait()
+    other = holder(tmp_path, SLURM_JOB_ID="78")  # another job is refused at once
+    try:
+        with pytest.raises(RunLockError, match=f"pid {other.pid}"):
+            lock_directories([tmp_path])
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize("launcher", ["medmoe", "torchrun rank 0"])
