@@ -6,11 +6,12 @@ One process (gloo, world size 1), fp32. A checkpoint is what `medmoe train` writ
 moments per weight, the learning-rate schedule, random states and the data position, in megatron-core's
 torch_dist format, written aside with its manifest (a size and xxh3-128 checksum per file) and renamed into
 place. Loading verifies the manifest, then reads it back into the same model and optimizer (the resume path).
-Each round saves a new iteration and loads it; the table gives medians, the size on disk, and the part of the
-save spent checksumming and of the load spent verifying (what the save and load took before checkpoints had
-manifests is the rest). Prints a markdown table for docs/benchmarks.md.
+Each round saves a new iteration and loads it, once as before checkpoints had manifests (nothing checksummed
+or verified) and once as now, in alternation; the table gives medians and the size on disk. Prints a
+markdown table for docs/benchmarks.md.
 """
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -58,46 +59,62 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-class Stopwatch:
-    """Wraps a function of a module and adds up the time spent in it."""
+class WithoutManifests:
+    """The checkpoint path as it was before manifests: nothing checksummed, written or verified."""
 
-    def __init__(self, module, name):
-        self.module, self.name, self.original, self.seconds = module, name, getattr(module, name), 0.0
-        setattr(module, name, self)
+    def __init__(self, checkpoint):
+        self.checkpoint, self.saved = checkpoint, {}
 
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.original(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
+    def __enter__(self):
+        ck = self.checkpoint
 
-    def take(self):
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        class NoChecksums:
+            def __init__(self, *args):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+            def entries(self):
+                return {}
+
+        for name, stand_in in (("ChecksumWhileWriting", NoChecksums), ("write_manifest", lambda *a: None),
+                               ("_problem_anywhere", lambda path: None)):
+            self.saved[name] = getattr(ck, name)
+            setattr(ck, name, stand_in)
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(self.checkpoint, name, original)
 
 
 def measure(shape, rounds, workdir):
+    """Rounds alternate between the path without manifests and the real one (this host's speed drifts)."""
     from megatron_medmoe.training import checkpoint
     from megatron_medmoe.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
     cfg, models, optimizer, scheduler = build(shape)
     params = sum(p.numel() for m in models for p in m.parameters())
     save_dir = os.path.join(workdir, shape)
-    checksumming, verifying = Stopwatch(checkpoint, "checksum_files"), Stopwatch(checkpoint, "_problem_anywhere")
-    saves, loads, sums, checks, size = [], [], [], [], 0
-    for r in range(rounds):
-        start = time.perf_counter()
-        path = save_checkpoint(save_dir, TrainState(iteration=r + 1), models, cfg, optimizer, scheduler)
-        saves.append(time.perf_counter() - start)
-        sums.append(checksumming.take())
-        size = dir_bytes(path)
-        start = time.perf_counter()
-        load_checkpoint(save_dir, models, cfg, optimizer, scheduler)
-        loads.append(time.perf_counter() - start)
-        checks.append(verifying.take())
+    times = {"without": ([], []), "with": ([], [])}
+    size, iteration = 0, 0
+    for _ in range(rounds):
+        for variant in ("without", "with"):
+            iteration += 1
+            with (WithoutManifests(checkpoint) if variant == "without" else contextlib.nullcontext()):
+                start = time.perf_counter()
+                path = save_checkpoint(save_dir, TrainState(iteration=iteration), models, cfg, optimizer, scheduler)
+                times[variant][0].append(time.perf_counter() - start)
+                size = dir_bytes(path)
+                start = time.perf_counter()
+                load_checkpoint(save_dir, models, cfg, optimizer, scheduler)
+                times[variant][1].append(time.perf_counter() - start)
+            shutil.rmtree(path)  # one checkpoint on disk at a time
     shutil.rmtree(save_dir)
-    return params, size, saves, loads, sums, checks
+    return params, size, times
 
 
 def main():
@@ -108,18 +125,19 @@ def main():
     args = parser.parse_args()
     single_rank()
     print(f"Machine: {machine()}\n")
-    print("| model | parameters | checkpoint size | save, s (median; range) | of which checksums | "
-          "load, s (median; range) | of which verifying |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | parameters | checkpoint size | manifests | save, s (median; range) | load, s (median; range) |")
+    print("|---|---|---|---|---|---|")
     workdir = args.dir or tempfile.mkdtemp(prefix="medmoe-ckpt-")
+    fmt = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
     try:
         for shape in args.shapes:
-            params, size, saves, loads, sums, checks = measure(shape, args.rounds, workdir)
-            fmt = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
-            share = lambda part, whole: (f"{statistics.median(part):.2f} "  # noqa: E731
-                                         f"({statistics.median(p / w for p, w in zip(part, whole)):.0%})")
-            print(f"| {shape} | {params:,} | {size / 2**20:,.0f} MiB | {fmt(saves)} | {share(sums, saves)} | "
-                  f"{fmt(loads)} | {share(checks, loads)} |", flush=True)
+            params, size, times = measure(shape, args.rounds, workdir)
+            for variant, label in (("without", "none (before)"), ("with", "written and verified")):
+                saves, loads = times[variant]
+                print(f"| {shape} | {params:,} | {size / 2**20:,.0f} MiB | {label} | {fmt(saves)} | {fmt(loads)} |")
+            ratio = lambda i: statistics.median(times["with"][i]) / statistics.median(times["without"][i])  # noqa
+            print(f"\n{shape}: with manifests, save x{ratio(0):.3f} and load x{ratio(1):.3f} of the time without",
+                  flush=True)
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -38,7 +38,7 @@ from ..model.experts import SlottedSequentialMLP
 from ..runtime.distributed import collective_device
 from .checkpoint_paths import (LATEST, CheckpointError, find_checkpoint, iteration_dir, latest_iteration,
                                saved_iterations)
-from .manifest import (checkpoint_problem, checksum_files, damaged_message, fallback_candidates, files_of_rank,
+from .manifest import (ChecksumWhileWriting, checkpoint_problem, damaged_message, fallback_candidates,
                        read_manifest, write_manifest)
 from .optimizer import schedule_changes
 
@@ -129,8 +129,10 @@ def save_checkpoint(save_dir: str, state: TrainState, chunks: List[torch.nn.Modu
         os.makedirs(partial)
     dist.barrier()
     failure = None
+    hashing = ChecksumWhileWriting(partial, dist.get_rank())
     try:
-        dist_checkpointing.save(sharded, partial)
+        with hashing:
+            dist_checkpointing.save(sharded, partial)
     except BaseException as e:  # CheckpointException (a BaseException) too: the coordinator raises for any rank
         failure = e
     failure = _agree_on_failure(failure)
@@ -139,7 +141,7 @@ def save_checkpoint(save_dir: str, state: TrainState, chunks: List[torch.nn.Modu
         try:
             if dist.get_rank() == 0:
                 dump_config(cfg, os.path.join(partial, "run_config.yaml"))
-            entries = checksum_files(partial, files_of_rank(partial, dist.get_rank()))
+            entries = hashing.entries()
         except OSError as e:
             failure = e
         failure = _agree_on_failure(failure)

@@ -1,8 +1,8 @@
 """Checkpoints that prove they are whole: CHECKPOINT/manifest.json lists every file with its size and checksum.
 
-Each rank checksums the files it wrote right after writing them (dist_checkpointing names them
-`__RANK_N.distcp`; rank 0 also takes the rest), while they are still in the page cache; rank 0 writes the
-manifest last, before the checkpoint is renamed into place. A checkpoint is complete only when its manifest
+Each rank checksums the files it writes (dist_checkpointing names them `__RANK_N.distcp`; rank 0 also takes
+the rest) while they are being written, from the page cache; rank 0 writes the manifest last, before the
+checkpoint is renamed into place. A checkpoint is complete only when its manifest
 verifies: every listed file present, of its size and checksum. Training, conversion, analysis and
 evaluation verify before they load, and no checkpoint that fails is ever used without saying so.
 No megatron-core or torch here: the launcher checks completeness before starting any worker.
@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import re
+import threading
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import xxhash
@@ -54,6 +55,87 @@ def files_of_rank(directory: str, rank: int) -> List[str]:
 
 def checksum_files(directory: str, names: Iterable[str]) -> Dict[str, dict]:
     return {name: _entry(os.path.join(directory, name)) for name in names}
+
+
+class ChecksumWhileWriting:
+    """Checksums this rank's shards while dist_checkpointing writes them: its writers append to each file from
+    start to end (torch's checkpoint writer never seeks back), so a thread hashes each file's new bytes as it
+    grows, on a core the writer processes leave idle, and only the tail is left when the save returns. Were a
+    file ever rewritten behind the thread, its checksum would not match and the checkpoint would fail to
+    verify: a false alarm, never a damaged checkpoint passing as whole.
+
+        with ChecksumWhileWriting(partial, rank) as hashing:
+            dist_checkpointing.save(...)
+        entries = hashing.entries()   # after the save, with the rank's other files (rank 0: common.pt, ...)
+    """
+
+    _BLOCK = 256 << 20
+
+    def __init__(self, directory: str, rank: int):
+        self.directory, self.rank = directory, rank
+        self._files: Dict[str, list] = {}  # name -> [fd, bytes hashed, hasher]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="medmoe-checksum", daemon=True)
+
+    def __enter__(self) -> "ChecksumWhileWriting":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is not None:
+            self._close()
+
+    def _own_shards(self) -> List[str]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return [n for n in names if (m := _RANK_FILE.match(n)) and int(m.group(1)) == self.rank]
+
+    def _advance(self, name: str, until_end: bool) -> bool:
+        if name not in self._files:
+            try:
+                self._files[name] = [os.open(os.path.join(self.directory, name), os.O_RDONLY), 0, xxhash.xxh3_128()]
+            except OSError:
+                return False
+        fd, done, hasher = entry = self._files[name]
+        size = os.fstat(fd).st_size
+        moved = False
+        while done < size:  # mapped, not read: the page cache is hashed in place, without a copy
+            start = done - done % mmap.ALLOCATIONGRANULARITY
+            end = min(size, done + self._BLOCK)
+            with mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start) as view, memoryview(view) as mv:
+                hasher.update(mv[done - start:])
+            entry[1] = done = end
+            moved = True
+            if not until_end and self._stop.is_set():
+                break
+        return moved
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            moved = False
+            for name in self._own_shards():
+                moved |= self._advance(name, until_end=False)
+            if not moved:
+                self._stop.wait(0.02)
+
+    def entries(self) -> Dict[str, dict]:
+        try:
+            for name in self._own_shards():  # the written files are closed now: hash to their end
+                self._advance(name, until_end=True)
+            out = {name: {"size": size, ALGORITHM: hasher.hexdigest()} for name, (_, size, hasher) in self._files.items()}
+        finally:
+            self._close()
+        rest = [n for n in files_of_rank(self.directory, self.rank) if n not in out]
+        return {**out, **checksum_files(self.directory, rest)}
+
+    def _close(self) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def write_manifest(directory: str, entries: Dict[str, dict]) -> None:
@@ -133,5 +215,5 @@ def fallback_candidates(save_dir: str) -> Sequence[str]:
     return [iteration_dir(save_dir, i) for i in sorted(saved_iterations(save_dir), reverse=True)]
 
 
-__all__ = ["ALGORITHM", "LATEST", "MANIFEST", "checkpoint_problem", "checksum_files", "damaged_message",
+__all__ = ["ALGORITHM", "LATEST", "MANIFEST", "ChecksumWhileWriting", "checkpoint_problem", "checksum_files", "damaged_message",
            "fallback_candidates", "files_of_rank", "read_manifest", "verified_checkpoint", "write_manifest"]
