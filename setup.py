@@ -24,8 +24,9 @@ EXTRAS = {
     # the CUDA 13 build also runs CPU pipelines; on CUDA 12 nodes install nvidia-dali-cuda120 instead
     "dali": ["nvidia-dali-cuda130"],
     "wandb": ["wandb", "tensorboard"],
-    # TransformerEngine must match the node's CUDA and torch; NVIDIA's PyTorch images ship it and apex.
-    "gpu": ["transformer-engine[pytorch]>=2.2"],
+    # TransformerEngine must match the node's CUDA and torch; NVIDIA's PyTorch images ship it and apex. The range
+    # is what megatron-core 0.16.1 supports (model/backend.py TE_SUPPORTED)
+    "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
 }
 
 setup(
@@ -34,7 +35,7 @@ setup(
     description="Distributed trainer for multilingual medical Post-MoE language-family expert models",
     packages=find_packages(include=["megatron_medmoe", "megatron_medmoe.*"]),
     package_data={"megatron_medmoe": ["languages/*.yaml"]},
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.10",  # megatron-core 0.16.1 supports 3.10-3.12; GPU images ship 3.12
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["medmoe=megatron_medmoe.cli:main"]},

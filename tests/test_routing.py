@@ -198,3 +198,15 @@ def test_aux_and_z_loss_add_exactly_their_gradient(megatron_single_rank, aux, z)
     extra.backward()
     torch.testing.assert_close(regularised.weight.grad - plain.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
     assert w.grad.abs().max() > 1e-3
+
+
+def test_the_dispatcher_may_pad_the_routing_map_in_place(megatron_single_rank):
+    """FP8 token padding (moe_router_padding_for_quantization): megatron-core's alltoall dispatcher pads the
+    routing map in place (pad_routing_map); autograd must not have kept that very tensor (slots == experts)."""
+    from megatron.core.transformer.moe.moe_utils import pad_routing_map
+
+    router = _router().train()
+    weights, routing_map = router(torch.randn(16, 4, 16), torch.randint(0, E, (16, 4)))
+    pad_routing_map(routing_map, 16)  # what token_dispatcher.py does before permuting
+    weights.sum().backward()
+    assert router.weight.grad.abs().sum() > 0

@@ -55,6 +55,25 @@ def fp8_device_problem(recipe: str, device_name: str, capability: Tuple[int, int
     return ""
 
 
+# the TransformerEngine releases megatron-core 0.16.1 builds each FP8 recipe from (fp8_utils.get_fp8_recipe: older
+# ones pass TE's own checks and fail at the first forward)
+TE_MIN_VERSION_FOR_RECIPE = {"delayed": "2.1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0"}
+# what megatron-core 0.16.1 is tested with (its dev extra), and the gpu extra of setup.py installs
+TE_SUPPORTED = ("2.9", "2.12")
+
+
+def te_version_problem(recipe: str, te_version: str) -> str:
+    """Why this TransformerEngine release cannot run the FP8 recipe ('' when it can)."""
+    from packaging.version import Version
+
+    needed = TE_MIN_VERSION_FOR_RECIPE[recipe]
+    if Version(te_version) < Version(needed):
+        return (f"fp8.recipe={recipe} needs TransformerEngine {needed.split('.dev')[0]} or newer, this machine has "
+                f"{te_version}; install transformer-engine[pytorch]>={TE_SUPPORTED[0]},<{TE_SUPPORTED[1]} (what "
+                "megatron-core 0.16.1 supports) or use NVIDIA's PyTorch image")
+    return ""
+
+
 def _transformer_engine_fp8_problem(recipe: str) -> str:
     """TransformerEngine's own verdict on FP8 (it also knows its build and CUDA version), where it says one."""
     checks = ["check_fp8_support"] + (["check_fp8_block_scaling_support"] if recipe == "blockwise" else [])
@@ -82,8 +101,11 @@ def check_machine(cfg) -> None:
                                f"here ({_transformer_engine_problem()}); remove fp8.format to train in bf16")
         import torch
 
+        import transformer_engine
+
         problem = (fp8_device_problem(cfg.fp8.recipe, torch.cuda.get_device_name(),
                                       torch.cuda.get_device_capability())
+                   or te_version_problem(cfg.fp8.recipe, transformer_engine.__version__)
                    or _transformer_engine_fp8_problem(cfg.fp8.recipe))
         if problem:
             raise BackendError(f"fp8.format={cfg.fp8.format}: {problem}")

@@ -72,8 +72,10 @@ class FamilyRouter(TopKRouter):
         return self._to_slots(weights), self._to_slots(routing_map)
 
     def _to_slots(self, per_expert: torch.Tensor) -> torch.Tensor:
+        """A new tensor in slot columns: megatron-core's dispatcher may edit the routing map in place (FP8 token
+        padding, pad_routing_map), and autograd keeps ours for the backward pass of the weights."""
         if self.slots_are_experts:
-            return per_expert
+            return per_expert.clone()
         out = per_expert.new_zeros((per_expert.shape[0], self.config.num_moe_experts))
         return out.index_copy(1, self.slot_of_expert, per_expert)
 

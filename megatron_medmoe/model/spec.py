@@ -4,7 +4,9 @@ megatron-core's `moe_layer_freq` pattern ([0] * (L - n) + [1] * n, see transform
 which layers are MoE and slices the layers per pipeline stage; here only the pieces change:
 - MoE layers: FamilyMoELayer with a FamilyRouter of the configured routing mode, experts in slots
   (placement.py);
-- local spec: RMSNorm that works under sequence parallelism (TransformerEngine brings its own).
+- local spec: RMSNorm that works under sequence parallelism (TransformerEngine brings its own);
+- TE spec: MoE layers save their pre-MLP norm under the key the local spec uses, so checkpoints (trained,
+  converted) load into either.
 """
 from __future__ import annotations
 
@@ -51,6 +53,19 @@ def _local_norms(layer_spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, **changes))
 
 
+# megatron-core's TE spec gives MoE layers a separate pre-MLP norm (TENorm, key pre_mlp_layernorm.weight) where its
+# local spec, dense TE layers and our name table use linear_fc1's fused norm key: one on-disk name for both specs
+TE_MOE_NORM_KEYS = {"pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def with_fused_norm_key(layer_spec: ModuleSpec) -> ModuleSpec:
+    """A TE MoE layer spec whose pre-MLP norm weight is saved and loaded under the fused norm's key (the weight
+    only: the norm's _extra_state keeps its own key, and is skipped where a checkpoint has none)."""
+    sub = layer_spec.submodules
+    keys = {**TE_MOE_NORM_KEYS, **sub.sharded_state_dict_keys_map}
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, sharded_state_dict_keys_map=keys))
+
+
 def post_moe_block_spec(config, use_transformer_engine: bool, routing: str, slots: Optional[ExpertSlots],
                         vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """The decoder layers a pipeline stage (and virtual stage) builds; pp_rank None: this rank's stage."""
@@ -61,6 +76,8 @@ def post_moe_block_spec(config, use_transformer_engine: bool, routing: str, slot
         if is_moe_layer_spec(spec):
             spec = dataclasses.replace(
                 spec, submodules=dataclasses.replace(spec.submodules, mlp=_family_moe(spec.submodules.mlp, routing, slots)))
+            if use_transformer_engine:
+                spec = with_fused_norm_key(spec)
         if not use_transformer_engine:
             spec = _local_norms(spec)
         layers.append(spec)

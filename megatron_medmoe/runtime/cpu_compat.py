@@ -1,7 +1,8 @@
 """The only place megatron-core (0.16.1) is redirected, so that it runs on a CPU-only torch with gloo.
 
 megatron-core assumes CUDA in a handful of places. Each redirect below names the megatron-core code it
-stands in for. They are applied only when no GPU is present (`apply_if_cpu`), and tests/test_cpu_compat.py
+stands in for. They are applied only when no GPU is present (`apply_if_cpu`; the one for a missing
+TransformerEngine, te_general_gemm_symbol, on GPUs too), and tests/test_cpu_compat.py
 checks each one still has a target and is still needed, so a megatron-core upgrade that breaks or obsoletes
 one fails loudly. Nothing here changes arithmetic.
 """
@@ -215,6 +216,8 @@ def apply_if_cpu() -> bool:
     """Apply every redirect once, when no GPU is present. Returns whether the CPU mode is active."""
     global _applied
     if gpu_present():
+        # not a CPU matter: on a GPU without TransformerEngine megatron-core's MoE router needs the name too
+        _te_general_gemm_symbol()
         return False
     if not _applied:
         import megatron.core

@@ -78,6 +78,9 @@ def _start(cfg: RunConfig, models, optimizer, scheduler, on_gpu: bool) -> Tuple[
         return state, True
     if ck.load and ck.finetune:
         saved = load_checkpoint(ck.load, models, cfg)
+        # the mixed-precision and distributed optimizers keep fp32 main copies made when they were built: take
+        # the loaded weights, or step 1 writes the initial ones back (Megatron-LM does the same)
+        optimizer.reload_model_params()
         say(f"initialized the model weights from {ck.load} (saved at step {saved.iteration}); fresh optimizer")
     elif ck.load:
         state = load_checkpoint(ck.load, models, cfg, optimizer, scheduler)

@@ -1,0 +1,64 @@
+"""The GPU branch where it can be checked without a GPU: TransformerEngine MoE layers keep the on-disk name of
+the pre-MLP norm, a GPU without TransformerEngine gets megatron-core's missing router symbol, and FP8 recipes
+are refused on TransformerEngine releases that cannot build them."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, cpu_env
+
+
+def test_te_moe_layers_save_the_pre_mlp_norm_under_the_local_specs_key(megatron_single_rank):
+    """megatron-core's TE spec gives MoE layers a TENorm saved as pre_mlp_layernorm.weight; its local spec (and
+    our name table) use mlp.linear_fc1.layer_norm_weight. The key map makes the TE layer write the local name."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from conftest import tiny_config
+    from megatron_medmoe.model.gpt import build_model_chunks
+    from megatron_medmoe.model.spec import with_fused_norm_key
+
+    (model,) = build_model_chunks(tiny_config("cpt", ["parallel.expert=1", "moe.expert_slots=null"], world_size=1), 7)
+    local_keys = {v.key for k, v in model.sharded_state_dict().items() if k.startswith("decoder.layers.3.")}
+    assert "decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in local_keys  # layer 4 (index 3) is MoE
+
+    te_moe_layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        pre_mlp_layernorm=IdentityOp, mlp=ModuleSpec(module=MoELayer),
+        sharded_state_dict_keys_map={"mlp.0.weight": "mlp.linear_fc1.layer_norm_weight"}))  # as megatron-core's TE spec
+    keys_map = with_fused_norm_key(te_moe_layer).submodules.sharded_state_dict_keys_map
+    prefix = "decoder.layers.3."
+    saved = {name: ShardedTensor.from_rank_offsets(f"{prefix}{name}", torch.zeros(2))
+             for name in ("pre_mlp_layernorm.weight", "pre_mlp_layernorm._extra_state")}
+    apply_prefix_mapping(saved, {f"{prefix}{k}": f"{prefix}{v}" for k, v in keys_map.items()})  # as TransformerLayer
+    assert saved["pre_mlp_layernorm.weight"].key == "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"
+    assert saved["pre_mlp_layernorm._extra_state"].key == "decoder.layers.3.pre_mlp_layernorm._extra_state"
+    assert keys_map["mlp.0.weight"] == "mlp.linear_fc1.layer_norm_weight"  # megatron-core's own entries stay
+
+
+def test_a_gpu_without_transformer_engine_gets_the_router_symbol():
+    """megatron-core binds moe_utils.te_general_gemm only when TE imports, then tests it: a NameError on any
+    GPU without TE. The stand-in is applied on GPUs too (simulated here: the GPU check answers yes)."""
+    code = ("import torch; from megatron_medmoe.runtime import cpu_compat; cpu_compat.gpu_present = lambda: True; "
+            "assert cpu_compat.apply_if_cpu() is False; import megatron.core.transformer.moe.moe_utils as m; "
+            "print(tuple(m.router_gating_linear(torch.randn(4, 8), torch.randn(3, 8), None, torch.float32).shape))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("(4, 3)"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("recipe, version, refused", [
+    ("blockwise", "2.2.0", True), ("blockwise", "2.3.0", False), ("tensorwise", "2.1.0", True),
+    ("tensorwise", "2.2.0", False), ("delayed", "2.9.0", False), ("blockwise", "2.10.0+abc", False)])
+def test_fp8_recipes_need_the_transformer_engine_release_that_builds_them(recipe, version, refused):
+    from megatron_medmoe.model.backend import te_version_problem
+
+    problem = te_version_problem(recipe, version)
+    assert bool(problem) == refused
+    if refused:
+        assert f"fp8.recipe={recipe} needs TransformerEngine" in problem and version in problem
