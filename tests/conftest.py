@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Sequence
 
@@ -53,6 +54,24 @@ def run_medmoe(args: Sequence[str], timeout: float = 600, check: bool = True, **
         raise AssertionError(f"medmoe {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def start_medmoe(args: Sequence[str], preexec_fn=None, **env) -> subprocess.Popen:
+    """`medmoe ARGS` started in the background (its output piped)."""
+    return subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *args], cwd=REPO, env=cpu_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics_path: Path, step: int, timeout: float = 300) -> None:
+    """Until the running `proc` has logged `step` to `metrics_path`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {proc.communicate()}")
+        if metrics_path.exists() and any(json.loads(line)["step"] >= step for line in metrics_path.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
 
 
 def read_metrics(output_dir, stage: str = "") -> List[dict]:

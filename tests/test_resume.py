@@ -3,18 +3,14 @@ at the same step and a restart gives bitwise the losses of a run never interrupt
 killed while saving leaves the previous checkpoint the latest; a checkpoint saved under TP 2 x EP 2 resumes,
 optimizer included, under PP 2 x EP 2; stage 2 of a recipe starts from stage 1's final weights with a fresh
 optimizer; keep_last and the wall-clock limit; the dp_reshardable optimizer's layout rule."""
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import psutil
 import pytest
 import torch
 
-from conftest import REPO, TINY, cpu_env, read_metrics, run_medmoe, tiny_config, train_stage
+from conftest import REPO, TINY, read_metrics, run_medmoe, start_medmoe, tiny_config, train_stage, wait_for_step
 from megatron_medmoe.runtime.exit_codes import EXIT_INPUT, EXIT_REQUEUE
 from megatron_medmoe.training.checkpoint import _same_model_layout
 from megatron_medmoe.training.optimizer import build_scheduler
@@ -34,22 +30,6 @@ def trajectory(records):
     return [(r["step"], r["loss"], r["family_loss"], r["grad_norm"]) for r in records]
 
 
-def start(argv, **env):
-    return subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], cwd=REPO, env=cpu_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(proc, metrics_path, step, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {step}: {proc.communicate()}")
-        if metrics_path.exists() and any(json.loads(line)["step"] >= step for line in metrics_path.read_text().splitlines()):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
 def worker(proc, rank):
     """The worker process of `rank` that `medmoe train` started."""
     for child in psutil.Process(proc.pid).children():
@@ -67,7 +47,7 @@ def test_sigterm_on_one_rank_then_resume_is_bitwise_the_uninterrupted_run(tmp_pa
     assert [s for s, *_ in expected] == list(range(1, 15))
 
     run = tmp_path / "run"
-    proc = start(args(run, *LAYOUTS[layout]))
+    proc = start_medmoe(args(run, *LAYOUTS[layout]))
     wait_for_step(proc, run / "out" / "cpt" / "metrics.jsonl", 3)
     worker(proc, 1).send_signal(signal.SIGTERM)  # not rank 0, and not through the launcher
     out, err = proc.communicate(timeout=300)

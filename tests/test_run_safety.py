@@ -2,7 +2,6 @@
 refused naming the holder (launcher or torchrun rank 0); the lock of a dead run is taken over; SIGKILL of the
 launcher takes its workers and their children with it; SIGHUP stops the run like SIGTERM; a signal during
 start-up (building the model, loading a checkpoint, building the data order) ends in exit 75 too."""
-import json
 import signal
 import socket
 import subprocess
@@ -13,33 +12,17 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, cpu_env, read_metrics, run_medmoe, train_stage
+from conftest import REPO, cpu_env, read_metrics, run_medmoe, start_medmoe, train_stage, wait_for_step
 from megatron_medmoe.runtime.exit_codes import EXIT_CONFIG, EXIT_REQUEUE
 from megatron_medmoe.training.run_lock import LOCK_NAME, RunLockError, lock_directories
 
 FAULTS = str(REPO / "tests" / "faults")
+METRICS = lambda root: root / "out" / "cpt" / "metrics.jsonl"  # noqa: E731
 
 
 def args(root, *extra, steps=200):
     return train_stage("cpt", f"training.train_steps={steps}", "logging.log_interval=1",
                        f"checkpoint.save={root / 'ckpt'}", f"logging.output_dir={root / 'out'}", *extra)
-
-
-def start(argv, **env):
-    return subprocess.Popen([sys.executable, "-m", "megatron_medmoe", *argv], cwd=REPO, env=cpu_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(proc, root, step, timeout=300):
-    metrics = root / "out" / "cpt" / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {step}: {proc.communicate()}")
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
 
 
 HOLD = "import sys, time; from megatron_medmoe.training.run_lock import lock_directories; " \
@@ -115,10 +98,13 @@ def family(proc):
 
 @pytest.mark.multiprocess
 def test_workers_die_with_a_killed_launcher_and_the_directory_is_free_again(tmp_path):
-    first = start(args(tmp_path, "checkpoint.save_interval=1"))
-    wait_for_step(first, tmp_path, 2)  # past a save: the checkpoint writers are running too
+    nohup = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731
+    first = start_medmoe(args(tmp_path, "checkpoint.save_interval=1"), preexec_fn=nohup)
+    wait_for_step(first, METRICS(tmp_path), 2)  # past a save: the checkpoint writers are running too
     workers = family(first)
     assert len(workers) >= 2
+    first.send_signal(signal.SIGHUP)  # ignored, as nohup asked
+    wait_for_step(first, METRICS(tmp_path), 4)
     second = run_medmoe(args(tmp_path), check=False, timeout=120)  # the same command again, meanwhile
     assert second.returncode == EXIT_CONFIG and f"pid {first.pid} on" in second.stderr
 
@@ -133,8 +119,8 @@ def test_workers_die_with_a_killed_launcher_and_the_directory_is_free_again(tmp_
 
 @pytest.mark.multiprocess
 def test_sighup_then_signals_during_start_up_all_end_in_exit_75(tmp_path):
-    run = start(args(tmp_path))
-    wait_for_step(run, tmp_path, 2)
+    run = start_medmoe(args(tmp_path))
+    wait_for_step(run, METRICS(tmp_path), 2)
     run.send_signal(signal.SIGHUP)  # the terminal closed
     out, err = run.communicate(timeout=300)
     assert run.returncode == EXIT_REQUEUE, err[-3000:]

@@ -84,7 +84,8 @@ def run_local_workers(argv: Sequence[str], world_size: int, grace_seconds: float
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS
+                if signal.getsignal(s) is not signal.SIG_IGN}  # ignored stays ignored (SIGHUP under nohup)
     try:
         failed_at = None
         while any(p.poll() is None for p in procs):

@@ -29,6 +29,8 @@ class StopRequest:
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGHUP under nohup: the user asked to go on
+                continue
             self._previous[sig] = signal.signal(sig, self.handle)
         return self
 
