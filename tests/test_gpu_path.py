@@ -62,3 +62,14 @@ def test_fp8_recipes_need_the_transformer_engine_release_that_builds_them(recipe
     assert bool(problem) == refused
     if refused:
         assert f"fp8.recipe={recipe} needs TransformerEngine" in problem and version in problem
+
+
+def test_more_ranks_than_gpus_is_refused_where_no_launcher_binds_them():
+    from megatron_medmoe.runtime.distributed import gpu_of_rank
+    from megatron_medmoe.runtime.env import DistEnv, LaunchEnvError
+
+    rank = lambda launcher, local: DistEnv(launcher, local, 2, local, "127.0.0.1", 29500)  # noqa: E731
+    assert gpu_of_rank(rank("torchrun", 1), 2) == 1
+    with pytest.raises(LaunchEnvError, match="rank 1 is local rank 1 of a node with 1 GPU"):
+        gpu_of_rank(rank("torchrun", 1), 1)  # medmoe train's workers and torchrun show every rank all GPUs
+    assert gpu_of_rank(rank("slurm", 1), 1) == 0  # srun may bind one GPU to each task

@@ -24,17 +24,37 @@ class RoutingStats:
     """Per-expert token counts and the forcing rate, accumulated until read and reset by the metrics.
 
     Counted once per micro-batch: when a forward is checkpointed, its first pass runs without grad and is
-    skipped; the recomputation counts (as megatron-core counts tokens for its expert bias).
+    skipped; the recomputation counts (as megatron-core counts tokens for its expert bias). The counts stay
+    on the router's device until the metrics read them at a log step: no host synchronisation per layer.
     """
 
     def __init__(self, num_experts: int):
-        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64)
-        self.family_held = 0  # tokens whose own top-k already held their family expert
-        self.family_checked = 0  # tokens for which that was checked (hybrid routing in training)
+        self.num_experts = num_experts
+        self.reset()
 
-    def reset(self):
-        self.tokens_per_expert.zero_()
-        self.family_held = self.family_checked = 0
+    def add(self, routing_map: torch.Tensor, held: Optional[torch.Tensor]) -> None:
+        if self._tokens is None:
+            self._tokens = torch.zeros(self.num_experts, dtype=torch.float64, device=routing_map.device)
+            self._held = torch.zeros((), dtype=torch.float64, device=routing_map.device)
+        self._tokens += routing_map.sum(dim=0)
+        if held is not None:
+            self._held += held.sum()
+            self.family_checked += held.numel()  # a shape: known on the host
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """Tokens routed to each expert (host, float64)."""
+        return torch.zeros(self.num_experts, dtype=torch.float64) if self._tokens is None else self._tokens.cpu()
+
+    @property
+    def family_held(self) -> float:
+        """Tokens whose own top-k already held their family expert (hybrid routing in training)."""
+        return 0.0 if self._held is None else float(self._held)
+
+    def reset(self) -> None:
+        self._tokens: Optional[torch.Tensor] = None
+        self._held: Optional[torch.Tensor] = None
+        self.family_checked = 0  # tokens for which that was checked
 
 
 class FamilyRouter(TopKRouter):
@@ -92,7 +112,4 @@ class FamilyRouter(TopKRouter):
 
     @torch.no_grad()
     def _count(self, routing_map: torch.Tensor, held: Optional[torch.Tensor]):
-        self.stats.tokens_per_expert += routing_map.sum(dim=0).to(torch.float64).cpu()
-        if held is not None:
-            self.stats.family_held += int(held.sum())
-            self.stats.family_checked += held.numel()
+        self.stats.add(routing_map, held)

@@ -13,7 +13,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from ..config import RunConfig
 from . import cpu_compat
-from .env import DistEnv
+from .env import DistEnv, LaunchEnvError
 
 
 def initialize_distributed(cfg: RunConfig, env: DistEnv, timeout_minutes: int = 10) -> None:
@@ -24,7 +24,7 @@ def initialize_distributed(cfg: RunConfig, env: DistEnv, timeout_minutes: int = 
     if backend == "nccl" and cpu_mode:
         raise RuntimeError("parallel.backend=nccl needs GPUs, and none is present; use gloo or auto")
     if not cpu_mode:
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu_of_rank(env, torch.cuda.device_count()))
     if env.world_size != cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data:
         raise RuntimeError(f"{env.launcher} started {env.world_size} ranks but the resolved layout needs "
                            f"{cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data}")
@@ -48,6 +48,17 @@ def initialize_distributed(cfg: RunConfig, env: DistEnv, timeout_minutes: int = 
         create_gloo_process_groups=backend != "gloo",
     )
     set_seeds(cfg.training.seed)
+
+
+def gpu_of_rank(env: DistEnv, gpus: int) -> int:
+    """The GPU index a rank uses. torchrun (and `medmoe train`'s own workers) show every rank all of the node's
+    GPUs: a local rank past them would share one, which NCCL refuses with an error that does not say so. Slurm
+    and MPI may bind each task to its own GPUs (CUDA_VISIBLE_DEVICES per task), so there the index wraps."""
+    if env.launcher == "torchrun" and env.local_rank >= gpus:
+        raise LaunchEnvError(f"rank {env.rank} is local rank {env.local_rank} of a node with {gpus} GPU(s): start at "
+                             f"most one rank per GPU (this layout's {env.world_size} ranks need {env.world_size} "
+                             "GPUs), or run on CPU with CUDA_VISIBLE_DEVICES=")
+    return env.local_rank % gpus
 
 
 def set_seeds(seed: int) -> None:

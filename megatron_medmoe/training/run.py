@@ -179,3 +179,7 @@ def _train_here(stage: Stage, env: DistEnv) -> int:
         sys.stderr.write(f"medmoe train [rank {env.rank}]: {e}\n")  # one write: ranks share the terminal
         sys.stderr.flush()
         return EXIT_INPUT
+    except LaunchEnvError as e:  # the machine cannot hold the layout (more ranks than GPUs)
+        sys.stderr.write(f"medmoe train [rank {env.rank}]: {e}\n")
+        sys.stderr.flush()
+        return EXIT_CONFIG
