@@ -248,3 +248,31 @@ def test_overlapped_gradient_reduction_hides_all_but_the_last_bucket():
         hidden = min(grads * (1 - bucket / on_gpu), backward)
         assert plain.comm_seconds["dp"] - overlapped.comm_seconds["dp"] == pytest.approx(hidden, rel=1e-9)
         assert hidden == pytest.approx(backward if gbps < 1 else grads * (1 - bucket / on_gpu))
+
+
+def test_attention_memory_is_planned_for_the_layers_the_machine_builds(monkeypatch):
+    """model.transformer_impl=auto builds TransformerEngine layers (fused attention) only where TE imports on a
+    GPU; a GPU without TE runs local layers, whose unfused attention keeps the s x s scores of every head."""
+    from megatron_medmoe.model import backend
+    from megatron_medmoe.plan.memory import activation_elements
+
+    import torch
+
+    cfg = small("training.global_batch_size=2")
+    s, b, a = cfg.data.seq_length, cfg.training.micro_batch_size, cfg.model.num_attention_heads
+    sizes = {}
+    for impl in ("local", "transformer_engine"):
+        cfg.model.transformer_impl = impl
+        sizes[impl] = activation_elements(cfg, False, None, 1.0)
+    assert sizes["local"] - sizes["transformer_engine"] == pytest.approx(s * b * a * s)
+    cfg.model.transformer_impl = "auto"
+    assert activation_elements(cfg, False, None, 1.0) == sizes["transformer_engine"]  # no GPU here: planned as TE
+    assert "no GPU here" in backend.planned_layers("auto")[1]
+    backend.planned_layers.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend, "_transformer_engine_problem", lambda: "import transformer_engine.pytorch failed")
+    try:
+        assert activation_elements(cfg, False, None, 1.0) == sizes["local"]  # a GPU without TransformerEngine
+        assert "local layers on this machine" in backend.planned_layers("auto")[1]
+    finally:
+        backend.planned_layers.cache_clear()

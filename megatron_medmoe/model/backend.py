@@ -38,6 +38,26 @@ def use_transformer_engine(impl: str) -> bool:
     return not problem
 
 
+@functools.lru_cache(maxsize=None)
+def planned_layers(impl: str) -> Tuple[str, str]:
+    """(the layers `medmoe plan` plans for, why): what model.transformer_impl builds on a GPU of this machine;
+    on a machine without a GPU (a login node), auto is planned as TransformerEngine's, as NVIDIA's PyTorch
+    image runs it. The attention memory depends on it: without TransformerEngine attention is unfused and keeps
+    the s x s scores."""
+    if impl != "auto":
+        return impl, f"model.transformer_impl={impl}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "transformer_engine", ("model.transformer_impl=auto planned as TransformerEngine layers (fused "
+                                      "attention; no GPU here to ask): set model.transformer_impl=local to plan for "
+                                      "GPUs without TransformerEngine")
+    if use_transformer_engine(impl):
+        return "transformer_engine", "model.transformer_impl=auto: TransformerEngine layers on this machine"
+    return "local", (f"model.transformer_impl=auto: local layers on this machine ({_transformer_engine_problem()}), "
+                     "so unfused attention")
+
+
 # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x); block scaling from Hopper on
 FP8_MIN_CAPABILITY = (8, 9)
 BLOCKWISE_MIN_CAPABILITY = (9, 0)

@@ -69,7 +69,7 @@ def _plan(args) -> int:
     from ..config import ConfigError, load_stages
     from ..config.validate import dataset_vocab_size
     from ..languages import LanguageTableError, load_registry
-    from ..model.backend import fp8_device_problem
+    from ..model.backend import fp8_device_problem, planned_layers
     from .layouts import Machine, plan_layouts
     from .mix import MixError, shares_from_data, shares_from_mix
     from .render import render_table, to_json
@@ -91,6 +91,7 @@ def _plan(args) -> int:
             if cfg.model.vocab_size is None:
                 raise ConfigError(["model.vocab_size is null and the recipe's first dataset is not there to say "
                                    "it: set model.vocab_size=N"], args.recipe)
+        layers = planned_layers(cfg.model.transformer_impl)[1]  # which layers the memory is planned for, and why
         gpu = GPUS[args.gpu]
         if cfg.fp8.format is not None:
             problem = fp8_device_problem(cfg.fp8.recipe, gpu.name, gpu.capability)
@@ -121,7 +122,7 @@ def _plan(args) -> int:
               "batch or the number of GPUs", file=sys.stderr)
         return EXIT_CONFIG
     context = dict(recipe=args.recipe, stage=stage.name, machine=machine, shares=shares, share_source=source,
-                   registry=registry, cfg=cfg)
+                   registry=registry, cfg=cfg, layers=layers)
     if args.json:
         print(json.dumps(to_json(candidates, **context), indent=1))
     else:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 from ..config import RunConfig, padded_vocab_size
+from ..model.backend import planned_layers
 
 GiB = 1024 ** 3
 
@@ -114,7 +115,7 @@ def activation_elements(cfg: RunConfig, moe_layer: bool, recompute: Optional[str
     sp = t if par.sequence_parallel else 1
     sb = s * b
     attn = 2 * sb * h / sp + sb * (a * d + 2 * g * d) / t + sb * a * d / t + 2 * sb * a / t
-    flash = cfg.model.transformer_impl != "local"
+    flash = planned_layers(cfg.model.transformer_impl)[0] != "local"  # TE's fused attention keeps no s x s scores
     if not flash and not (recompute == "selective" and "core_attn" in cfg.training.recompute_modules):
         attn += sb * a * s / t
     if not moe_layer:

@@ -24,7 +24,7 @@ def _gb(x: float) -> str:
 
 
 def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machine, shares, share_source, registry,
-                 cfg) -> str:
+                 cfg, layers) -> str:
     fitting = [c for c in candidates if c.fits]
     lines = [f"{recipe}{f' (stage {stage})' if stage else ''} on {machine.nodes} node(s) x {machine.gpus_per_node} "
              f"{machine.gpu}, {machine.gpu_memory / 1e9:g} GB each: {len(fitting)} of {len(candidates)} valid layouts fit",
@@ -50,7 +50,7 @@ def render_table(candidates: List[Candidate], top: int, *, recipe, stage, machin
         best = (fitting or candidates)[0]
         lines += ["", _placement_text(best, shares, share_source, registry, cfg)]
     lines += ["", f"best: medmoe train {recipe} {' '.join((fitting or candidates)[0].overrides)}",
-              "", "assumptions: " + _assumptions(machine)]
+              "", f"layers: {layers}", "assumptions: " + _assumptions(machine)]
     return "\n".join(lines)
 
 
@@ -84,11 +84,11 @@ def _assumptions(machine) -> str:
                               nv=machine.nvlink_gbps, net=machine.network_gbps)
 
 
-def to_json(candidates: List[Candidate], *, recipe, stage, machine, shares, share_source, registry, cfg) -> dict:
+def to_json(candidates: List[Candidate], *, recipe, stage, machine, shares, share_source, registry, cfg, layers) -> dict:
     return {
         "recipe": recipe, "stage": stage, "nodes": machine.nodes, "gpus_per_node": machine.gpus_per_node, "gpu": machine.gpu,
         "gpu_memory_bytes": machine.gpu_memory, "usable_bytes": machine.gpu_memory - machine.reserve,
         "family_shares": {registry.experts[i]: s for i, s in enumerate(shares)} if cfg.moe.moe_last_n else {},
-        "share_source": share_source, "assumptions": _assumptions(machine),
+        "share_source": share_source, "layers": layers, "assumptions": _assumptions(machine),
         "layouts": [c.as_dict() for c in candidates],
     }
