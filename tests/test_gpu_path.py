@@ -73,3 +73,32 @@ def test_more_ranks_than_gpus_is_refused_where_no_launcher_binds_them():
     with pytest.raises(LaunchEnvError, match="rank 1 is local rank 1 of a node with 1 GPU"):
         gpu_of_rank(rank("torchrun", 1), 1)  # medmoe train's workers and torchrun show every rank all GPUs
     assert gpu_of_rank(rank("slurm", 1), 1) == 0  # srun may bind one GPU to each task
+
+
+def test_fusions_are_on_where_they_can_run_and_required_ones_are_refused_elsewhere():
+    from megatron_medmoe.config.schema import FusionConfig
+    from megatron_medmoe.model.backend import fusion_settings
+
+    on, problems = fusion_settings(FusionConfig(), on_gpu=True, use_te=True)  # as Megatron-LM's recipes set them
+    assert all(on.values()) and set(on) >= {"bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion",
+                                            "gradient_accumulation_fusion", "moe_permute_fusion",
+                                            "cross_entropy_loss_fusion"} and not problems
+    local, _ = fusion_settings(FusionConfig(), on_gpu=True, use_te=False)  # a GPU without TransformerEngine
+    assert [k for k, v in local.items() if v] == ["bias_activation_fusion", "masked_softmax_fusion",
+                                                  "cross_entropy_loss_fusion"]
+    cpu, problems = fusion_settings(FusionConfig(rope=False), on_gpu=False, use_te=False)
+    assert not any(cpu.values()) and not problems
+    _, problems = fusion_settings(FusionConfig(rope=True, cross_entropy=True), on_gpu=True, use_te=False)
+    assert problems == ["fusions.rope=true, but the layers are not TransformerEngine's: set it to null (on where it "
+                        "can run) or false"]
+    off, _ = fusion_settings(FusionConfig(bias_activation=False), on_gpu=True, use_te=True)
+    assert not off["bias_activation_fusion"] and off["apply_rope_fusion"]
+
+
+def test_a_fusion_required_on_a_machine_without_a_gpu_is_refused_before_any_worker_starts(tmp_path):
+    from conftest import run_medmoe, train_stage
+
+    proc = run_medmoe(train_stage("cpt", "fusions.cross_entropy=true", f"logging.output_dir={tmp_path}"),
+                      check=False, timeout=120)
+    assert proc.returncode == 2 and "fusions.cross_entropy=true, but no GPU is present" in proc.stderr
+    assert "Traceback" not in proc.stderr and "starting" not in proc.stdout

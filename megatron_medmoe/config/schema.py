@@ -180,6 +180,20 @@ class FP8Config:
 
 
 @dataclass
+class FusionConfig:
+    # megatron-core's fused kernels, as Megatron-LM's recipes turn them on. null: on where this machine and the
+    # layers can run it (a GPU; TransformerEngine layers where noted), off elsewhere; true: required (refused
+    # where it cannot run); false: off
+    bias_activation: Optional[bool] = None  # fused SwiGLU (Megatron-LM --bias-swiglu-fusion)
+    rope: Optional[bool] = None  # TransformerEngine's fused rotary embedding (--apply-rope-fusion)
+    masked_softmax: Optional[bool] = None  # fused scale-mask-softmax of the local layers' attention
+    # weight gradients accumulated into the fp32 main gradients inside TransformerEngine's GEMM
+    gradient_accumulation: Optional[bool] = None
+    moe_permute: Optional[bool] = None  # TransformerEngine's fused token permutation of the MoE dispatcher
+    cross_entropy: Optional[bool] = None  # megatron-core's fused vocab-parallel cross entropy
+
+
+@dataclass
 class LensConfig:
     # JSONL, one parallel item per line: {"en": "...", "zh": "...", ...}; probing and training prompts
     parallel_data: str = ""
@@ -202,4 +216,5 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    fusions: FusionConfig = field(default_factory=FusionConfig)
     lens: LensConfig = field(default_factory=LensConfig)

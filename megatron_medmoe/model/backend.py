@@ -112,6 +112,27 @@ def _transformer_engine_fp8_problem(recipe: str) -> str:
     return ""
 
 
+# fusions.* -> (megatron-core's TransformerConfig field, whether it needs TransformerEngine layers)
+FUSIONS = {"bias_activation": ("bias_activation_fusion", False), "rope": ("apply_rope_fusion", True),
+           "masked_softmax": ("masked_softmax_fusion", False),
+           "gradient_accumulation": ("gradient_accumulation_fusion", True),
+           "moe_permute": ("moe_permute_fusion", True), "cross_entropy": ("cross_entropy_loss_fusion", False)}
+
+
+def fusion_settings(fusions, on_gpu: bool, use_te: bool) -> Tuple[dict, list]:
+    """(megatron-core's fusion fields, the problems of fusions required where they cannot run). Fused kernels
+    need a GPU; rope, gradient accumulation and MoE permutation also TransformerEngine layers."""
+    settings, problems = {}, []
+    for name, (field, needs_te) in FUSIONS.items():
+        asked = getattr(fusions, name)
+        possible = on_gpu and (use_te or not needs_te)
+        if asked and not possible:
+            why = "no GPU is present" if not on_gpu else "the layers are not TransformerEngine's"
+            problems.append(f"fusions.{name}=true, but {why}: set it to null (on where it can run) or false")
+        settings[field] = bool(possible if asked is None else asked and possible)
+    return settings, problems
+
+
 def check_machine(cfg) -> None:
     """Raise BackendError when this machine cannot run the resolved config's FP8 / grouped GEMM settings."""
     impl = cfg.model.transformer_impl
@@ -129,6 +150,13 @@ def check_machine(cfg) -> None:
                    or _transformer_engine_fp8_problem(cfg.fp8.recipe))
         if problem:
             raise BackendError(f"fp8.format={cfg.fp8.format}: {problem}")
+    if any(getattr(cfg.fusions, name) for name in FUSIONS):  # required fusions: can this machine run them?
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        problems = fusion_settings(cfg.fusions, on_gpu, on_gpu and use_transformer_engine(impl))[1]
+        if problems:
+            raise BackendError("; ".join(problems))
     if cfg.moe.moe_last_n > 0 and cfg.moe.grouped_gemm and not use_transformer_engine(impl):
         raise BackendError(f"moe.grouped_gemm=true needs TransformerEngine layers, which cannot be used here "
                            f"({_transformer_engine_problem()}); set moe.grouped_gemm=null or false")

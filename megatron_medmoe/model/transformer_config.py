@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from ..config import RunConfig
+from .backend import fusion_settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -84,6 +85,8 @@ def build_transformer_config(cfg: RunConfig, use_cpu_initialization: bool,
         )
     if cfg.fp8.format is not None:
         kwargs.update(fp8_settings(cfg))
+    # a machine without a GPU initialises on the CPU: there every fusion resolves to off
+    kwargs.update(fusion_settings(cfg.fusions, on_gpu=not use_cpu_initialization, use_te=use_transformer_engine)[0])
     return TransformerConfig(**kwargs)
 
 
