@@ -137,6 +137,7 @@ def run_lens(cfg: RunConfig, env: DistEnv) -> int:
     prompts = {lang: [encode(item[lang]) for item in items] for lang in [cfg.lens.anchor, *targets]}
 
     initialize_distributed(cfg, env)
+    cfg.fusions.gradient_accumulation = False  # trained without DDP: no main gradients to accumulate into
     try:
         (model,) = build_model_chunks(cfg, registry.num_experts)
         load_checkpoint(cfg.checkpoint.load, [model], cfg)
