@@ -1,27 +1,35 @@
-"""Preprocessing throughput and memory with a real Qwen2 tokenizer, against a baseline and the limit.
+"""Preprocessing throughput and memory with a real Qwen2 tokenizer, against Megatron-LM's own tool and the limit.
 
-    python benchmarks/preprocess.py [--size-mb 200] [--rounds 3] [--cache benchmarks/.cache]
+    python benchmarks/preprocess.py [--size-mb 200] [--rounds 3] [--cache benchmarks/.cache] [--megatron-lm DIR]
 
 On a generated multilingual corpus (the bundled medical text recombined, every family, >= 200 MB):
 - limit: the tokenizer's own batched encode (`encode_batch_fast`, all cores) over the texts already in
-  memory, nothing written;
-- baseline: Megatron-LM preprocess_data.py's approach: a multiprocessing pool calling the tokenizer once
-  per document (imap, chunksize 32), the main process writing one document at a time with megatron-core's
-  IndexedDatasetBuilder;
-- medmoe preprocess, end to end (read, parse, tokenize, write .bin/.idx/.lang/.source/.json/.png),
-  with 1 and 2 workers, and its peak memory (the whole process tree) on half and on the full corpus.
-The machine's speed drifts between runs (shared hosts), so the limit and medmoe preprocess are measured in
-alternation for several rounds and each round's ratio is taken against that round's limit; the table
-shows medians. Then the training loader: micro-batches/s of the default and the DALI loader against what
-the tiny model consumes. The Qwen2 vocabulary comes from llama-cpp-python's source distribution (PyPI, ~77 MB, once).
+  memory, nothing read, parsed or written;
+- Megatron-LM: its real `tools/preprocess_data.py` (`--tokenizer-type HuggingFaceTokenizer --append-eod`)
+  from the checkout given by --megatron-lm (tag core_v0.16.1 was measured), with 1 and 2 workers; skipped,
+  saying so, without one. Its imports need triton, which CPU machines lack: it is installed for the tool
+  alone (pip --target under the cache, on the tool's PYTHONPATH), never into this environment;
+- medmoe preprocess, end to end (read, parse, tokenize, write .bin/.idx/.lang/.source/.json/.png), with 1
+  and 2 workers, and its peak memory (the whole process tree) on half and on the full corpus.
+Both tools are timed as a user runs them, start-up included (their fixed cost on a one-document corpus is
+printed too), and Megatron-LM's .bin/.idx must equal medmoe's byte for byte (checked on the first round).
+The machine's speed drifts between runs (shared hosts), so every round runs the limit and then each tool,
+and each ratio is taken against that round's limit; the table shows medians and ranges. A second ratio,
+by CPU time (the limit's core-seconds per token over the tool's, its whole process tree), is less moved by
+other work on the machine than the wall clock (it leaves out start-up that runs on one core while the
+others idle, which the wall-clock ratio counts). Then the training
+loader: micro-batches/s of the default and the DALI loader against what the tiny model consumes. The Qwen2
+vocabulary comes from llama-cpp-python's source distribution (PyPI, ~77 MB, once).
 Prints markdown tables for docs/benchmarks.md.
 """
 import argparse
+import filecmp
 import glob
 import json
-import multiprocessing
 import os
 import random
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +41,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 GGUF = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"
+TRITON = "triton==3.9.0"  # what megatron.training imports at start-up; its kernels are never run here
 
 
 def qwen2_tokenizer(cache: str) -> str:
@@ -74,47 +83,21 @@ def corpus(cache: str, size_mb: int) -> str:
     return path
 
 
+def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def limit(tokenizer_dir: str, path: str):
+    """(tokens/s, tokens, CPU seconds per token)"""
     from tokenizers import Tokenizer
 
     texts = [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
     tok = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
-    start, tokens = time.perf_counter(), 0
+    start, cpu, tokens = time.perf_counter(), cpu_seconds(), 0
     for i in range(0, len(texts), 4096):
         tokens += sum(len(e) for e in tok.encode_batch_fast(texts[i:i + 4096], add_special_tokens=False))
-    return tokens / (time.perf_counter() - start), tokens
-
-
-_BASELINE = {}
-
-
-def _baseline_init(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    _BASELINE["tok"] = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def _baseline_encode(line):
-    ids = _BASELINE["tok"](json.loads(line)["text"], add_special_tokens=False)["input_ids"]
-    ids.append(_BASELINE["tok"].eos_token_id)
-    return ids
-
-
-def baseline(tokenizer_dir: str, path: str, workers: int):
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    with tempfile.TemporaryDirectory() as out, open(path, encoding="utf-8") as lines:
-        start, tokens = time.perf_counter(), 0
-        builder = IndexedDatasetBuilder(os.path.join(out, "b.bin"), dtype=np.int32)
-        with multiprocessing.get_context("fork").Pool(workers, _baseline_init, (tokenizer_dir,)) as pool:
-            for ids in pool.imap(_baseline_encode, lines, 32):
-                builder.add_item(torch.tensor(ids, dtype=torch.int32))
-                builder.end_document()
-                tokens += len(ids)
-        builder.finalize(os.path.join(out, "b.idx"))
-        return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), tokens, (cpu_seconds() - cpu) / tokens
 
 
 def tree_rss(pid: int) -> int:
@@ -127,12 +110,12 @@ def tree_rss(pid: int) -> int:
         return 0
 
 
-def ours(tokenizer_dir: str, path: str, workers: int):
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "megatron_medmoe", "preprocess", "--input", path, "--tokenizer",
-                                 tokenizer_dir, "--output-prefix", os.path.join(out, "o"), "--workers", str(workers),
-                                 "--quiet"], cwd=ROOT)
+def timed(command, env=None):
+    """(seconds, peak memory of the process tree in MiB, CPU seconds of the tree) of a command run to
+    completion (its workers count once their parent has waited for them, as both tools' do)."""
+    start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
         peak = [0]
 
         def watch():
@@ -142,12 +125,60 @@ def ours(tokenizer_dir: str, path: str, workers: int):
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        assert proc.wait() == 0
+        code = proc.wait()
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
         watcher.join()
-        seconds = time.perf_counter() - start
-        with open(os.path.join(out, "o.json")) as f:
-            tokens = json.load(f)["tokens"]
-        return tokens / seconds, peak[0] / 2**20, seconds
+        if code != 0:
+            err.seek(0)
+            sys.exit(f"{' '.join(command)} exited {code}:\n{err.read().decode(errors='replace')[-3000:]}")
+    return seconds, peak[0] / 2**20, cpu
+
+
+def ours(tokenizer_dir: str, path: str, workers: int, prefix: str):
+    """(tokens/s, peak MiB, seconds, CPU seconds per token) of `medmoe preprocess` writing PREFIX.*"""
+    seconds, peak, cpu = timed([sys.executable, "-m", "megatron_medmoe", "preprocess", "--input", path, "--tokenizer",
+                                tokenizer_dir, "--output-prefix", prefix, "--workers", str(workers), "--quiet"])
+    with open(prefix + ".json") as f:
+        tokens = json.load(f)["tokens"]
+    return tokens / seconds, peak, seconds, cpu / tokens
+
+
+class MegatronLM:
+    """Megatron-LM's tools/preprocess_data.py from a checkout, run with this Python."""
+
+    def __init__(self, checkout: str, cache: str):
+        self.script = os.path.join(checkout, "tools", "preprocess_data.py")
+        if not os.path.isfile(self.script):
+            sys.exit(f"--megatron-lm {checkout}: no tools/preprocess_data.py there (give a Megatron-LM checkout)")
+        deps = os.path.join(cache, "megatron-lm-deps")
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(checkout), deps]))
+        probe = [sys.executable, "-c", "import triton"]
+        if subprocess.run(probe, env=self.env, capture_output=True).returncode != 0:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", deps, TRITON],
+                           check=True)
+
+    def run(self, tokenizer_dir: str, path: str, workers: int, prefix: str):
+        """(tokens/s, peak MiB, seconds, CPU seconds per token); writes PREFIX_text_document.{bin,idx}."""
+        seconds, peak, cpu = timed([sys.executable, self.script, "--input", path, "--output-prefix", prefix,
+                               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir,
+                               "--workers", str(workers), "--append-eod", "--log-interval", "1000000"], env=self.env)
+        tokens = indexed_tokens(prefix + "_text_document.idx")
+        return tokens / seconds, peak, seconds, cpu / tokens
+
+
+def indexed_tokens(idx_path: str) -> int:
+    import numpy as np
+
+    from megatron_medmoe.data.indexed import DTYPE_CODES, expected_bin_size
+
+    with open(idx_path, "rb") as f:
+        code = f.read(18)[17]  # after the 9-byte magic and the 8-byte version
+    itemsize = next(np.dtype(t).itemsize for t, c in DTYPE_CODES.items() if c == code)
+    return expected_bin_size(idx_path) // itemsize
+
+
+def same_files(a_prefix: str, b_prefix: str) -> bool:
+    return all(filecmp.cmp(a_prefix + ext, b_prefix + ext, shallow=False) for ext in (".bin", ".idx"))
 
 
 def loader_throughput(loader: str, seconds: float = 8.0):
@@ -172,41 +203,84 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts of both tools")
     parser.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", ".cache"))
+    parser.add_argument("--megatron-lm", metavar="DIR", help="a Megatron-LM checkout (tag core_v0.16.1): its "
+                        "tools/preprocess_data.py is the baseline")
+    parser.add_argument("--skip-loader", action="store_true", help="only preprocessing")
     args = parser.parse_args()
     tok = qwen2_tokenizer(args.cache)
     full, half = corpus(args.cache, args.size_mb), corpus(args.cache, args.size_mb // 2)
+    megatron = MegatronLM(args.megatron_lm, args.cache) if args.megatron_lm else None
     print(f"Corpus: {os.path.getsize(full) / 1e6:.0f} MB ({sum(1 for _ in open(full)):,} documents), Qwen2 tokenizer "
-          f"(151,936 tokens), {os.cpu_count()} cores\n", flush=True)
-    rounds = {"limit": [], 1: [], 2: []}
-    peaks = {1: 0.0, 2: 0.0}
-    for _ in range(args.rounds):
-        top, tokens = limit(tok, full)
-        rounds["limit"].append(top)
-        for workers in (1, 2):
-            rate, peak, _ = ours(tok, full, workers)
-            rounds[workers].append(rate / top)
-            peaks[workers] = max(peaks[workers], peak)
-    top = statistics.median(rounds["limit"])
-    print(f"| method | workers | tokens/s (median) | share of the limit (median, range) | peak memory |\n"
-          f"|---|---|---|---|---|\n| limit: batched encode in memory, nothing written | all cores | {top:,.0f} | "
-          f"100% ({min(rounds['limit']):,.0f}-{max(rounds['limit']):,.0f} tokens/s) | |", flush=True)
-    for workers in (1, 2):
-        rate = baseline(tok, full, workers)
-        print(f"| baseline: per-document pool (Megatron-LM) | {workers} | {rate:,.0f} | {rate / top:.0%} | |", flush=True)
-    for workers in (1, 2):
-        share = statistics.median(rounds[workers])
-        print(f"| medmoe preprocess, end to end | {workers} | {share * top:,.0f} | {share:.0%} "
-              f"({min(rounds[workers]):.0%}-{max(rounds[workers]):.0%}) | {peaks[workers]:,.0f} MiB |", flush=True)
-    _, peak_half, _ = ours(tok, half, 1)
-    print(f"\nPeak memory of medmoe preprocess (1 worker): {peak_half:,.0f} MiB on {args.size_mb // 2} MB, "
-          f"{peaks[1]:,.0f} MiB on {args.size_mb} MB ({tokens:,} tokens).", flush=True)
-    print("\n| loader | micro-batches/s (4 x 128 tokens) |\n|---|---|")
-    rates = {loader: loader_throughput(loader) for loader in ("default", "dali")}
-    for loader, rate in rates.items():
-        print(f"| {loader} | {rate:,.0f} |")
-    print("The tiny model (EP 2) consumes 2 micro-batches per rank per step at about 0.14-0.2 s a step: "
-          "10-15 micro-batches/s per rank.")
+          f"(151,936 tokens), {os.cpu_count()} cores", flush=True)
+    if megatron is None:
+        print("Megatron-LM baseline skipped: give --megatron-lm DIR, a checkout of NVIDIA/Megatron-LM "
+              "(tag core_v0.16.1)", flush=True)
+    methods = [("medmoe", w) for w in args.workers] + ([("megatron", w) for w in args.workers] if megatron else [])
+    rounds = {"limit": [], **{m: [] for m in methods}}
+    cpu_rounds = {m: [] for m in methods}  # the limit's CPU time per token over the method's, per round
+    peaks = {m: 0.0 for m in methods}
+    identical = {}
+    work = tempfile.mkdtemp(prefix="medmoe-bench-")
+    try:
+        one = os.path.join(work, "one.jsonl")
+        with open(full, encoding="utf-8") as src, open(one, "w", encoding="utf-8") as dst:
+            dst.write(src.readline())
+        fixed = {"medmoe": ours(tok, one, 1, os.path.join(work, "one"))[2]}
+        if megatron:
+            fixed["megatron"] = megatron.run(tok, one, 1, os.path.join(work, "one"))[2]
+        for r in range(args.rounds):
+            top, tokens, top_cpu = limit(tok, full)
+            rounds["limit"].append(top)
+            for tool, workers in methods:
+                prefix = os.path.join(work, f"{tool}{workers}")
+                run = ours if tool == "medmoe" else megatron.run
+                rate, peak, _, cpu = run(tok, full, workers, prefix)
+                rounds[(tool, workers)].append(rate / top)
+                cpu_rounds[(tool, workers)].append(top_cpu / cpu)
+                peaks[(tool, workers)] = max(peaks[(tool, workers)], peak)
+                print(f"round {r + 1}: {tool} {workers} worker(s): {rate:,.0f} tokens/s, {rate / top:.0%} of "
+                      f"{top:,.0f}; {cpu * 1e9:,.0f} ns of CPU a token, the limit {top_cpu * 1e9:,.0f}", flush=True)
+                reference = os.path.join(work, f"medmoe{args.workers[0]}")
+                if r == 0:  # every output must be the same dataset, byte for byte
+                    identical[(tool, workers)] = same_files(
+                        reference, prefix + ("_text_document" if tool == "megatron" else ""))
+                if r > 0 or prefix != reference:  # the reference stays for the first round's comparisons
+                    for leftover in glob.glob(prefix + "*"):
+                        os.remove(leftover)
+        names = {"medmoe": "medmoe preprocess, end to end", "megatron": "Megatron-LM tools/preprocess_data.py"}
+        short = {"medmoe": "medmoe preprocess", "megatron": "Megatron-LM"}
+        top = statistics.median(rounds["limit"])
+        print(f"\n| method | workers | tokens/s (median) | share of the limit (median, range) | by CPU time "
+              f"(median, range) | peak memory |\n|---|---|---|---|---|---|\n"
+              f"| limit: batched encode in memory, nothing read or written | all cores | {top:,.0f} | "
+              f"100% ({min(rounds['limit']):,.0f}-{max(rounds['limit']):,.0f} tokens/s) | 100% | |")
+        for tool, workers in sorted(methods, key=lambda m: (m[0] != "megatron", m[1])):
+            shares, cpus = rounds[(tool, workers)], cpu_rounds[(tool, workers)]
+            share = statistics.median(shares)
+            print(f"| {names[tool]} | {workers} | {share * top:,.0f} | {share:.0%} "
+                  f"({min(shares):.0%}-{max(shares):.0%}) | {statistics.median(cpus):.0%} "
+                  f"({min(cpus):.0%}-{max(cpus):.0%}) | {peaks[(tool, workers)]:,.0f} MiB |")
+        print("\nFixed cost (a one-document corpus, end to end): " +
+              ", ".join(f"{short[t]} {s:.1f} s" for t, s in fixed.items()))
+        print(f"The .bin/.idx of every run against medmoe preprocess with {args.workers[0]} worker(s), byte for "
+              "byte: " + ", ".join(f"{short[t]} with {w}: {'identical' if same else 'DIFFERENT'}"
+                        for (t, w), same in identical.items()))
+        _, peak_half, _, _ = ours(tok, half, 1, os.path.join(work, "half"))
+        print(f"Peak memory of medmoe preprocess (1 worker): {peak_half:,.0f} MiB on {args.size_mb // 2} MB, "
+              f"{peaks.get(('medmoe', 1), 0):,.0f} MiB on {args.size_mb} MB ({tokens:,} tokens).", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not args.skip_loader:
+        print("\n| loader | micro-batches/s (4 x 128 tokens) |\n|---|---|")
+        rates = {loader: loader_throughput(loader) for loader in ("default", "dali")}
+        for loader, rate in rates.items():
+            print(f"| {loader} | {rate:,.0f} |")
+        print("The tiny model (EP 2) consumes 2 micro-batches per rank per step at about 0.14-0.2 s a step: "
+              "10-15 micro-batches/s per rank.")
+    if not all(identical.values()):
+        sys.exit("the outputs differ: see above")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ def test_missing_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     ("remove_bin", "is incomplete: missing"),
+    ("truncate_bin", "tiny_text.bin has {actual:,} bytes but {prefix}.idx describes {expected:,} (cut short"),
     ("wrong_table", "unknown language code 'ceb'"),
-])
+], ids=["remove_bin", "truncate_bin", "wrong_table"])
 def test_training_stops_cleanly_on_a_bad_dataset(tmp_path, damage, message):
     prefix = tmp_path / "tiny_text"
     for src in (REPO / "runs" / "data").glob("tiny_text*"):
@@ -25,6 +26,11 @@ def test_training_stops_cleanly_on_a_bad_dataset(tmp_path, damage, message):
     overrides = [f"data.datasets=[{{prefix: {prefix}}}]", "checkpoint.save=null", f"logging.output_dir={tmp_path / 'out'}"]
     if damage == "remove_bin":
         (tmp_path / "tiny_text.bin").unlink()
+    elif damage == "truncate_bin":  # a copy cut short
+        expected = (tmp_path / "tiny_text.bin").stat().st_size
+        with open(tmp_path / "tiny_text.bin", "r+b") as f:
+            f.truncate(expected // 2)
+        message = message.format(actual=expected // 2, expected=expected, prefix=prefix)
     else:
         overrides += ["data.language_table=languages12", "moe.expert_slots=12"]
     proc = run_medmoe(train_stage("cpt", *overrides), check=False, timeout=300)

@@ -42,6 +42,28 @@ def test_unknown_code_lists_the_known_ones():
     assert "'xx'" in message and "sw" in message and "zh" in message
 
 
+def test_codes_in_other_case_or_with_a_region_resolve_to_the_tables():
+    reg = load_registry("families")
+    for written, code in [("EN", "en"), ("zh-CN", "zh"), ("pt_BR", "pt"), ("zh-Hans-CN", "zh"), ("Ceb_PH", "ceb"),
+                          ("en", "en")]:
+        assert reg.canonical_code(written) == code, written
+        assert reg.language(written).code == code and reg.expert_id(written) == reg.expert_id(code)
+    with pytest.raises(LanguageTableError, match=r"unknown language code 'xx-YY'.*known codes: .*sw"):
+        reg.canonical_code("xx-YY")
+
+
+def test_a_code_matching_two_table_codes_is_ambiguous(tmp_path):
+    table = tmp_path / "two.yaml"
+    table.write_text("experts: [a]\nlanguages:\n"
+                     "  - {code: pt, name: Portuguese, family: Indo-European, expert: a, tier: major}\n"
+                     "  - {code: PT, name: Portuguese (old), family: Indo-European, expert: a, tier: minor}\n")
+    reg = load_registry(str(table))
+    assert reg.canonical_code("PT") == "PT"  # written as the table writes it: no question
+    for written in ("Pt", "pt_BR"):
+        with pytest.raises(LanguageTableError, match=f"'{written}' is ambiguous.*'PT' or 'pt'.*known codes"):
+            reg.language(written)
+
+
 def test_norwegian_code_survives_yaml():
     # YAML 1.1 reads a bare `no` as false; the shipped table must quote it
     assert load_registry("families").language("no").name == "Norwegian"

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from ..languages import LanguageRegistry, LanguageTableError
+from .indexed import expected_bin_size
 
 
 class DatasetError(ValueError):
@@ -37,6 +38,8 @@ class PreprocessedDataset:
         missing = [p for p in needed if not os.path.isfile(p)]
         if missing:
             raise DatasetError(f"dataset {prefix!r} is incomplete: missing {missing}")
+        for data in (prefix, prefix + ".loss_mask") if summary.get("format") == "chat" else (prefix,):
+            _check_bin_size(prefix, data)
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         tokens = IndexedDataset(prefix)
@@ -76,3 +79,17 @@ class PreprocessedDataset:
         if self.loss_mask is None:
             return tokens, np.ones(length, dtype=np.float32)
         return tokens, self.loss_mask.get(doc, offset=start, length=length).astype(np.float32)
+
+
+def _check_bin_size(prefix: str, data: str) -> None:
+    """megatron-core maps the .bin as its .idx describes it and fails deep inside on a shorter file (a copy cut
+    short, a full disk): check first, and say which file and by how much."""
+    try:
+        expected = expected_bin_size(data + ".idx")
+    except ValueError as e:
+        raise DatasetError(f"dataset {prefix!r}: {e}; preprocess it again") from None
+    actual = os.path.getsize(data + ".bin")
+    if actual != expected:
+        raise DatasetError(f"dataset {prefix!r}: {data}.bin has {actual:,} bytes but {data}.idx describes "
+                           f"{expected:,} ({'cut short' if actual < expected else 'longer'}: copied incompletely, "
+                           "or the two files are from different runs); preprocess it again")

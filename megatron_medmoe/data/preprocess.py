@@ -1,53 +1,131 @@
 """`medmoe preprocess`: JSONL corpora -> megatron-core indexed datasets with a language per document.
 
-Output, all under --output-prefix (written aside and renamed when complete; PREFIX.json last):
+Output, all under --output-prefix:
   PREFIX.bin / PREFIX.idx              tokens, one sequence per document (megatron-core's format)
   PREFIX.loss_mask.bin / .idx          chat only: 1 where the token carries loss (answers, end-of-text)
   PREFIX.lang.npy / PREFIX.source.npy  per document: index into the summary's `languages` / `sources`
   PREFIX.json                          summary: counts per language and family, skipped records by reason
   PREFIX.png                           documents and tokens per language and per family
+Nothing is under the prefix until everything is complete: the files are written aside (unnamed where the
+file system allows, see data/indexed.py's ScratchFile) and put in place at the end, the old PREFIX.json
+removed first and the new one last.
 
 Lines are read in chunks; each chunk is parsed, tokenized (the fast tokenizer's batched encode) and turned
 into arrays, then written in input order, with a bounded number of chunks in flight, so memory does not
 grow with the corpus. With one worker this happens in this process, the encode of one chunk (which runs in
 Rust on every core) overlapping the parsing of the next; with more, each worker process does all of it on
 one core while this process reads and writes.
+
+Stopping: SIGINT (Ctrl-C), SIGTERM and SIGHUP discard everything written aside and end `medmoe preprocess`
+with one line and exit code 128 + the signal's number (130, 143, 129: the shell's convention for a command
+ended by a signal); one that arrives while the finished output is being put in place lets that finish.
+Workers die with this process however it ends (a parent-death signal), SIGKILL included.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob
 import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ..languages import load_registry
+from ..runtime.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INPUT, EXIT_OK
+from ..runtime.lifeline import die_with_parent
 from .chat import TEMPLATES, loss_mask_from_offsets
-from .indexed import StreamingArrayWriter, StreamingIndexedWriter, token_dtype
+from .indexed import ScratchFile, StreamingArrayWriter, StreamingIndexedWriter, token_dtype
 from .records import FORMATS, RecordError, RecordParser
 from .tokenizer import FastTokenizer, load_fast_tokenizer, load_tokenizer
 
 SUMMARY_VERSION = 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class PreprocessError(ValueError):
     """Input that stops preprocessing (with --on-error fail), or nothing usable at all."""
 
-    exit_code = 3
+    exit_code = EXIT_INPUT
 
 
 class PreprocessUsageError(PreprocessError):
     """Options that cannot work: nothing was read."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without being asked to (the out-of-memory killer, a signal of its own)."""
+
+
+class PreprocessStopped(BaseException):
+    """A stop signal arrived. A BaseException, like KeyboardInterrupt, so that no handler on the way takes it
+    for an error of the input."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """Installed by `medmoe preprocess`: a stop signal raises PreprocessStopped in the main thread, and is
+    only noted once the run is stopping anyway (cleaning up) or putting its finished output in place."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._raise = False
+        self._pid = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        self.received, self._raise, self._pid = None, True, os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self.received, self._raise, self._previous = None, False, {}
+
+    def hold(self) -> None:
+        """From now on a stop signal is only noted."""
+        self._raise = False
+
+    def check(self) -> None:
+        """Raise for a signal that arrived while its handler's exception could not reach us (see `blocked`)."""
+        if self.received is not None and self._raise:
+            raise PreprocessStopped(self.received)
+
+    @contextlib.contextmanager
+    def blocked(self):
+        """No stop signal is handled inside: around forking, where a handler run by fork's own hooks would
+        raise into code that ignores exceptions. A signal that arrives meanwhile is handled on leaving."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _handle(self, signum, _frame) -> None:
+        if os.getpid() != self._pid:  # a worker, forked before it set its own handlers: the parent decides
+            return
+        self.received = self.received or signum
+        self.check()
+
+
+_STOP = _StopSignals()
 
 
 @dataclass
@@ -87,6 +165,7 @@ class ChunkResult:
     errors: List[Tuple[str, int, str, str]] = field(default_factory=list)  # path, line, reason, message
     path: str = ""
     lines: int = 0  # non-blank lines read
+    normalised: Counter = field(default_factory=Counter)  # (code as written, the table's code) -> documents
 
 
 # ---- the three stages of a chunk: parse (Python), encode (Rust, releases the GIL), finish (arrays)
@@ -107,6 +186,100 @@ def _init_stages(options: PreprocessOptions, tokenizer: FastTokenizer, parallel_
     )
 
 
+def _worker_main(conn, parent_pid: int) -> None:
+    """A forked worker: chunks in, ChunkResults out, in order, until told to stop (None)."""
+    die_with_parent(parent_pid)  # however the parent ends, SIGKILL included
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C signals the whole process group: the parent decides
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # but one of its own ends it at once
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # forked while the parent blocked them
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if chunk is None:
+            return
+        try:
+            conn.send(_process_chunk(chunk))
+        except Exception:
+            conn.send(_WorkerError(traceback.format_exc()))
+
+
+@dataclass
+class _WorkerError:
+    traceback: str
+
+
+class _Workers:
+    """Forked worker processes, each with its own pipe, chunks dealt round-robin so results come back in input
+    order. Not concurrent.futures' ProcessPoolExecutor: a worker killed while sending a result leaves that
+    pool's reader thread waiting forever for the rest of the message (the parent holds a write end of the
+    shared result pipe too), so neither a stop nor a dead worker could end the run. Here each pipe's other
+    end is in its worker alone, and a worker's death reads as end of file."""
+
+    def __init__(self, count: int):
+        context = multiprocessing.get_context("fork")
+        self.conns, self.procs = [], []
+        with _STOP.blocked():
+            for _ in range(count):
+                ours, theirs = context.Pipe()
+                proc = context.Process(target=_worker_main, args=(theirs, os.getpid()), daemon=True)
+                proc.start()
+                theirs.close()  # before the next fork, so that no other process holds it
+                self.conns.append(ours)
+                self.procs.append(proc)
+
+    def map(self, chunks, window: int) -> Iterator[ChunkResult]:
+        """Results in input order, at most `window` chunks in flight (bounded memory)."""
+        pending = deque()
+        for k, chunk in enumerate(chunks):
+            i = k % len(self.conns)
+            try:
+                self.conns[i].send(chunk)
+            except (EOFError, OSError):
+                raise self._died(i) from None
+            pending.append(i)
+            if len(pending) >= window:
+                yield self._receive(pending.popleft())
+        while pending:
+            yield self._receive(pending.popleft())
+
+    def _receive(self, i: int) -> ChunkResult:
+        try:
+            result = self.conns[i].recv()
+        except (EOFError, OSError):
+            raise self._died(i) from None
+        if isinstance(result, _WorkerError):
+            raise RuntimeError(f"a worker process failed:\n{result.traceback}")
+        return result
+
+    def _died(self, i: int) -> WorkerDied:
+        self.procs[i].join(5)
+        code = self.procs[i].exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return WorkerDied(f"a worker process died ({how})")
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:  # that worker is gone already
+                pass
+        self.join()
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        self.join()
+
+    def join(self) -> None:
+        for proc in self.procs:
+            proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
 @dataclass
 class _Parsed:
     records: list
@@ -123,6 +296,8 @@ def _parse(chunk: Chunk) -> _Parsed:
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
+    if start == 0:  # a byte-order mark alone is an empty file, not a malformed record
+        data = data.removeprefix(codecs.BOM_UTF8)
     parser: RecordParser = _STATE["parser"]
     parsed = _Parsed([], [], 0, path)
     for number, raw in enumerate(data.split(b"\n"), start=first_line):
@@ -151,22 +326,21 @@ def _finish(parsed: _Parsed, encodings) -> ChunkResult:
     if not encodings:
         return result
     ids = [e.ids for e in encodings]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     if parsed.records[0].loss_spans is None:  # raw text: every document ends with end-of-text
-        ends = np.cumsum(lengths + 1) - 1
-        tokens = np.empty(flat.size + len(ids), dtype=np.int32)
-        tokens[ends] = _STATE["eod"]
-        tokens[np.arange(flat.size) + np.repeat(np.arange(len(ids)), lengths)] = flat
-        result.tokens, result.lengths = tokens, (lengths + 1).astype(np.int32)
-    else:
-        result.tokens, result.lengths = flat, lengths.astype(np.int32)
+        eod = _STATE["eod"]
+        for doc in ids:
+            doc.append(eod)
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum(dtype=np.int64)))
+    result.tokens, result.lengths = flat, lengths
+    if parsed.records[0].loss_spans is not None:
         result.loss_mask = np.fromiter(
             itertools.chain.from_iterable(loss_mask_from_offsets(e.offsets, r.loss_spans)
                                           for r, e in zip(parsed.records, encodings)),
             dtype=np.uint8, count=flat.size)
     result.langs = [r.lang for r in parsed.records]
     result.sources = [r.source for r in parsed.records]
+    result.normalised.update((r.lang_given, r.lang) for r in parsed.records if r.lang_given is not None)
     return result
 
 
@@ -199,6 +373,10 @@ def expand_inputs(patterns: List[str]) -> List[str]:
         matched = sorted(glob.glob(pattern))
         if not matched:
             raise PreprocessUsageError(f"--input {pattern!r} matches no file")
+        for path in matched:
+            if os.path.isdir(path):
+                raise PreprocessError(f"--input {pattern!r}: {path} is a directory; give the files in it, e.g. "
+                                      f"--input '{os.path.join(path, '*.jsonl')}'")
         files += matched
     return files
 
@@ -229,17 +407,6 @@ def _chunks(files: List[str], chunk_bytes: int) -> Iterator[Chunk]:
                 start += len(block)
 
 
-def _ordered(fn, items, pool, window: int):
-    """fn over items in order in the pool's processes, at most `window` items in flight (bounded memory)."""
-    pending = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 class _Progress:
     def __init__(self, enabled: bool):
         self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
@@ -267,30 +434,40 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
     vocab_size = tokenizer.vocab_size
     prefix = options.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    writers = {"tokens": StreamingIndexedWriter(prefix, token_dtype(vocab_size)),
-               "lang": StreamingArrayWriter(prefix + ".lang.npy", np.uint16),
-               "source": StreamingArrayWriter(prefix + ".source.npy", np.uint16)}
-    if options.fmt == "chat":
-        writers["loss_mask"] = StreamingIndexedWriter(prefix + ".loss_mask", np.uint8)
+    scratch: list = []  # everything written aside, discarded unless all of it is put in place
     languages: Dict[str, int] = {}
     sources: Dict[str, int] = {}
-    per_lang_docs, per_lang_tokens, skipped = Counter(), Counter(), Counter()
+    per_lang_docs, per_lang_tokens, skipped, normalised = Counter(), Counter(), Counter(), Counter()
     examples: Dict[str, str] = {}
     meter = _Progress(progress)
-    pool = None
+    workers = None
     try:
+        writers = {"tokens": StreamingIndexedWriter(prefix, token_dtype(vocab_size))}
+        scratch.append(writers["tokens"])
+        for key, path in (("lang", prefix + ".lang.npy"), ("source", prefix + ".source.npy")):
+            writers[key] = StreamingArrayWriter(path, np.uint16)
+            scratch.append(writers[key])
+        if options.fmt == "chat":
+            writers["loss_mask"] = StreamingIndexedWriter(prefix + ".loss_mask", np.uint8)
+            scratch.append(writers["loss_mask"])
         chunks = _chunks(files, options.chunk_bytes)
         if options.workers > 1:
             # forked workers inherit the loaded tokenizer and parser (the tokenizer's thread pool has not
-            # run in this process yet, so forking is safe); a worker that dies breaks the pool loudly
+            # run in this process yet, so forking is safe). They are forked by this (the main) thread, whose
+            # end is what the parent-death signal watches.
             _init_stages(options, tokenizer, parallel_tokenizer=False)
-            pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("fork"))
-            results = _ordered(_process_chunk, chunks, pool, window=4 * options.workers)
+            workers = _Workers(options.workers)
+            results = workers.map(chunks, window=4 * options.workers)
         else:
             _init_stages(options, tokenizer, parallel_tokenizer=True)
             results = _pipelined(chunks)
+        # matplotlib takes most of a second to import: import it while the tokenizer runs rather than at the
+        # end (and after forking: a child forked mid-import would find the import lock held)
+        charting = threading.Thread(target=_import_chart_backend, name="medmoe-chart-import", daemon=True)
+        charting.start()
         lines_per_file = Counter()
         for result in results:
+            _STOP.check()
             lines_per_file[result.path] += result.lines
             for path, line, reason, message in result.errors:
                 if options.on_error == "fail":
@@ -307,6 +484,7 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
             for code, n in zip(result.langs, result.lengths.tolist()):
                 per_lang_docs[code] += 1
                 per_lang_tokens[code] += n
+            normalised.update(result.normalised)
             meter.update(writers["tokens"].documents, writers["tokens"].tokens)
         for path in (f for f in files if lines_per_file[f] == 0):
             if options.on_error == "fail":
@@ -319,29 +497,58 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
         for writer in writers.values():
             writer.finish()
         summary = _summary(options, files, vocab_size, tokenizer.end_of_text_id, registry, list(languages),
-                           list(sources), per_lang_docs, per_lang_tokens, skipped, examples,
+                           list(sources), per_lang_docs, per_lang_tokens, skipped, examples, normalised,
                            writers["tokens"].documents, writers["tokens"].tokens, time.perf_counter() - meter.start)
-        for writer in writers.values():
-            writer.commit()
+        charting.join()
         from .summary import write_chart
 
-        write_chart(summary, prefix + ".png")
-        tmp = prefix + ".json.partial"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, prefix + ".json")
+        chart, report = ScratchFile(prefix + ".png"), ScratchFile(prefix + ".json")
+        scratch += [chart, report]
+        write_chart(summary, chart.file)
+        # backslashreplace: a file name that is not UTF-8 keeps its escapes instead of failing the run here
+        report.file.write(json.dumps(summary, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace"))
+        _STOP.check()
+        _STOP.hold()  # complete: a signal from now on lets the output be put in place
+        _put_in_place(prefix, [*writers.values(), chart, report])
+        if workers is not None:
+            workers.close()
         return summary
     except BaseException:
-        for writer in writers.values():
-            writer.discard()
+        _STOP.hold()  # stopping anyway: a second signal must not cut the cleanup short
+        for item in scratch:
+            item.discard()
+        if workers is not None:  # no need to let them finish their chunks
+            workers.kill()
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+
+
+def _import_chart_backend() -> None:
+    try:
+        from .summary import import_backend
+
+        import_backend()
+    except Exception:  # write_chart imports it again and says what is wrong
+        pass
+
+
+def _put_in_place(prefix: str, items: list) -> None:
+    """Publish the output, PREFIX.json (what makes a dataset complete) last."""
+    names = [prefix + ext for ext in (".json", ".bin", ".idx", ".loss_mask.bin", ".loss_mask.idx", ".lang.npy",
+                                      ".source.npy", ".png")]
+    try:
+        if os.path.lexists(prefix + ".json"):  # an older dataset here is incomplete from now on
+            os.remove(prefix + ".json")
+        for item in items:
+            item.commit()
+    except BaseException:
+        for name in names:  # half of the new dataset beside half of an old one: neither is usable
+            if os.path.lexists(name):
+                os.remove(name)
+        raise
 
 
 def _summary(options, files, vocab_size, eod, registry, languages, sources, docs, tokens, skipped, examples,
-             n_docs, n_tokens, seconds) -> dict:
+             normalised, n_docs, n_tokens, seconds) -> dict:
     per_family_docs, per_family_tokens = Counter(), Counter()
     for code in languages:
         family = registry.language(code).family
@@ -367,24 +574,43 @@ def _summary(options, files, vocab_size, eod, registry, languages, sources, docs
                        for fam in sorted(per_family_docs, key=lambda f: -per_family_tokens[f])},
         "skipped": dict(skipped),
         "skipped_examples": examples,
+        # language codes written otherwise than the table writes them: as written -> table code, documents
+        "normalised_languages": {given: {"code": code, "documents": n}
+                                 for (given, code), n in sorted(normalised.items())},
     }
 
 
 def preprocess_command(options: PreprocessOptions, quiet: bool = False) -> int:
-    """`medmoe preprocess`: exit 0 with a table, 2 for bad options, 3 for bad input."""
+    """`medmoe preprocess`: exit 0 with a table, 2 for bad options, 3 for bad input, 128 + N when stopped by
+    signal N, 1 when a worker process died."""
     from ..languages import LanguageTableError
     from .summary import summary_table
     from .tokenizer import TokenizerError
 
+    nothing = f"nothing was written under {options.output_prefix}"
+    _STOP.install()
     try:
         summary = run_preprocess(options, progress=not quiet)
+        late = _STOP.received
     except (LanguageTableError, TokenizerError) as e:
         print(f"medmoe preprocess: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except PreprocessError as e:
         print(f"medmoe preprocess: {e}", file=sys.stderr)
         return e.exit_code
+    except (PreprocessStopped, WorkerDied) as e:
+        signum = e.signum if isinstance(e, PreprocessStopped) else _STOP.received
+        if signum is None:  # not our signal: a worker was killed alone (the out-of-memory killer, say)
+            print(f"medmoe preprocess: {e}; {nothing}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"medmoe preprocess: stopped by {signal.Signals(signum).name}; {nothing}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        _STOP.uninstall()
+    if late is not None:
+        print(f"medmoe preprocess: {signal.Signals(late).name} arrived while the finished output was being put in "
+              "place; it is complete", file=sys.stderr)
     if not quiet:
         print(summary_table(summary))
         print(f"wrote {options.output_prefix}.{{bin,idx,json,png}} in {summary['seconds']:.1f} s")
-    return 0
+    return EXIT_OK

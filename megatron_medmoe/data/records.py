@@ -2,23 +2,30 @@
 
 Language, in order: `--lang CODE` for every record; the record's language field (`lang`); the source
 name's second `_` field (ApolloMoE: `medicalExam_sw` -> `sw`), the source name being the record's
-`source` field or else the input file's name without extension.
+`source` field or else the input file's name without extension. A code the table writes differently
+(`EN`, `pt_BR`) is resolved by the registry; the record keeps the table's code and the code as written.
+
+A UTF-8 byte-order mark at the start of a line (the first line of a file saved by some editors, or every
+file of a concatenation) is ignored. A lone UTF-16 surrogate (JSON `"\ud800"`, half of a pair) is not a
+character, so no tokenizer can encode it: such a record is refused, not passed on.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from ..languages import LanguageRegistry, LanguageTableError
+from ..languages.registry import AmbiguousLanguageCode
 from .chat import ChatRecordError, conversation_turns, render_apollo, render_with_tokenizer_template
 
 FORMATS = ("text", "chat")
 
 # reasons a record is refused, as counted in the summary
-REASONS = ("invalid_utf8", "malformed_json", "not_an_object", "missing_text", "empty_text", "missing_language",
-           "unknown_language", "no_answer", "bad_conversation")
+REASONS = ("invalid_utf8", "invalid_unicode", "malformed_json", "not_an_object", "missing_text", "empty_text",
+           "missing_language", "unknown_language", "ambiguous_language", "no_answer", "bad_conversation")
 
 
 class RecordError(ValueError):
@@ -32,8 +39,9 @@ class RecordError(ValueError):
 class Record:
     text: str
     loss_spans: Optional[List[Tuple[int, int]]]  # None: loss on every token (raw text)
-    lang: str
+    lang: str  # the table's code
     source: str
+    lang_given: Optional[str] = None  # the code as the record (or --lang) wrote it, when that differs
 
 
 def source_language(source: str) -> Optional[str]:
@@ -53,6 +61,8 @@ class RecordParser:
     chat_tokenizer: object = None  # a transformers tokenizer, for template="tokenizer"
 
     def parse(self, raw: bytes, path: str) -> Record:
+        if raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -63,17 +73,22 @@ class RecordParser:
             raise RecordError("malformed_json", f"malformed JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(record, dict):
             raise RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
+        escaped = b"\\u" in raw  # only a \u escape can make a lone surrogate out of valid UTF-8
         source = record.get(self.source_field)
         if not isinstance(source, str) or not source:
             source = os.path.splitext(os.path.basename(path))[0]
-        lang = self._language(record, source)
+        elif escaped:
+            _check_characters(source, f'"{self.source_field}"')
+        lang, lang_given = self._language(record, source)
         if self.fmt == "text":
             text = record.get(self.text_field)
             if not isinstance(text, str):
                 raise RecordError("missing_text", f'missing field "{self.text_field}"')
             if not text.strip():
                 raise RecordError("empty_text", f'empty "{self.text_field}"')
-            return Record(text, None, lang, source)
+            if escaped:
+                _check_characters(text, f'"{self.text_field}"')
+            return Record(text, None, lang, source, lang_given)
         try:
             turns = conversation_turns(record)
             if self.template == "apollo":
@@ -83,9 +98,12 @@ class RecordParser:
         except ChatRecordError as e:
             reason = "no_answer" if "no answer" in str(e) else "bad_conversation"
             raise RecordError(reason, str(e)) from None
-        return Record(text, spans, lang, source)
+        if escaped:
+            _check_characters(text, "the conversation")
+        return Record(text, spans, lang, source, lang_given)
 
-    def _language(self, record: dict, source: str) -> str:
+    def _language(self, record: dict, source: str) -> Tuple[str, Optional[str]]:
+        """(the table's code, the code as written when it differs)."""
         if self.lang is not None:
             code = self.lang
         elif isinstance(record.get(self.lang_field), str):
@@ -96,7 +114,17 @@ class RecordParser:
                 raise RecordError("missing_language", f'no "{self.lang_field}" field and the source name '
                                   f"{source!r} has no language part (like medicalExam_sw)")
         try:
-            self.registry.language(code)
+            canonical = self.registry.canonical_code(code)
+        except AmbiguousLanguageCode as e:
+            raise RecordError("ambiguous_language", str(e)) from None
         except LanguageTableError as e:
             raise RecordError("unknown_language", str(e)) from None
-        return code
+        return canonical, (None if canonical == code else code)
+
+
+def _check_characters(value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError("invalid_unicode", f"{what} has a lone surrogate \\u{ord(value[e.start]):04x} at character "
+                          f"{e.start} (half of a UTF-16 pair, not a character)") from None

@@ -1,7 +1,7 @@
 """What preprocessing read: a table per language and per family, and the same as a PNG bar chart."""
 from __future__ import annotations
 
-from typing import List
+from typing import BinaryIO, List, Union
 
 
 def summary_table(summary: dict) -> str:
@@ -16,6 +16,12 @@ def summary_table(summary: dict) -> str:
     for family, v in summary["per_family"].items():
         lines.append(f"{family:<{width + 6}} {'':<14} {v['documents']:>10,} {v['tokens']:>12,}")
     lines.append(f"{'total':<{width + 6}} {'':<14} {summary['documents']:>10,} {summary['tokens']:>12,}")
+    normalised = summary.get("normalised_languages") or {}  # absent from summaries of older versions
+    if normalised:
+        lines.append("")
+        lines.append("language codes normalised to the table's: " + ", ".join(
+            f"{given} -> {v['code']} ({v['documents']:,} document{'s' if v['documents'] != 1 else ''})"
+            for given, v in normalised.items()))
     if summary["skipped"]:
         lines.append("")
         lines.append("skipped records: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(summary["skipped"].items())))
@@ -24,10 +30,17 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_chart(summary: dict, path: str) -> None:
-    # matplotlib's object API with the Agg canvas: no pyplot, no GUI backend (half the start-up time)
+def import_backend():
+    """matplotlib's object API with the Agg canvas: no pyplot, no GUI backend (half the start-up time)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    return FigureCanvasAgg, Figure
+
+
+def write_chart(summary: dict, out: Union[str, BinaryIO]) -> None:
+    """A PNG to a path or to a binary file."""
+    FigureCanvasAgg, Figure = import_backend()
 
     langs = sorted(summary["per_language"].items(), key=lambda kv: -kv[1]["tokens"])
     fams = list(summary["per_family"].items())
@@ -43,4 +56,4 @@ def write_chart(summary: dict, path: str) -> None:
             ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(f"{summary['format']} corpus: {summary['documents']:,} documents, {summary['tokens']:,} tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(out, dpi=80, format="png")

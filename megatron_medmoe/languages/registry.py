@@ -3,6 +3,11 @@
 A table is a YAML data file (see families.yaml): an ordered list of experts (index = routing id) and one
 record per language. Built-in tables are addressed by name (`families`, `languages12`); any other value
 is a path to a user's own table.
+
+Codes are looked up exactly first; a code in another case or with a region or script (`EN`, `zh-CN`, `pt_BR`)
+resolves to the table's code when exactly one table code matches it (ignoring case and `_`/`-`, then
+without the subtags after the language), so corpora, questions and options written in BCP 47 or POSIX
+style need no rewriting. `canonical_code` says what a code resolved to.
 """
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ TIERS = ("major", "minor")
 
 class LanguageTableError(ValueError):
     """A language table that cannot be used, or a language code it does not know."""
+
+
+class AmbiguousLanguageCode(LanguageTableError):
+    """A code that matches more than one of the table's codes once case and region are set aside."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,15 @@ class LanguageRegistry:
     languages: Tuple[Language, ...]
     _by_code: Dict[str, Language] = field(init=False, repr=False, compare=False)
     _expert_index: Dict[str, int] = field(init=False, repr=False, compare=False)
+    _by_key: Dict[str, List[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_by_code", {lang.code: lang for lang in self.languages})
         object.__setattr__(self, "_expert_index", {name: i for i, name in enumerate(self.experts)})
+        by_key: Dict[str, List[str]] = {}
+        for lang in self.languages:
+            by_key.setdefault(_code_key(lang.code), []).append(lang.code)
+        object.__setattr__(self, "_by_key", by_key)
 
     @property
     def num_experts(self) -> int:
@@ -57,14 +71,26 @@ class LanguageRegistry:
     def codes(self) -> List[str]:
         return [lang.code for lang in self.languages]
 
+    def canonical_code(self, code: str) -> str:
+        """The table's code for `code` (itself when the table has it as written)."""
+        if not isinstance(code, str):
+            raise LanguageTableError(f"a language code must be a string, got {code!r}")
+        if code in self._by_code:
+            return code
+        key = _code_key(code)
+        matches = self._by_key.get(key, [])
+        if not matches and "-" in key:  # en-US, zh-Hans-CN: the language without its region or script
+            matches = self._by_key.get(key.split("-", 1)[0], [])
+        if len(matches) == 1:
+            return matches[0]
+        known = "; known codes: " + ", ".join(sorted(self.codes))
+        if matches:
+            raise AmbiguousLanguageCode(f"language code {code!r} is ambiguous in table {self.source}: it could be "
+                                     + " or ".join(repr(m) for m in sorted(matches)) + known)
+        raise LanguageTableError(f"unknown language code {code!r} (table {self.source})" + known)
+
     def language(self, code: str) -> Language:
-        found = self._by_code.get(code)
-        if found is None:
-            raise LanguageTableError(
-                f"unknown language code {code!r} (table {self.source}); known codes: "
-                + ", ".join(sorted(self.codes))
-            )
-        return found
+        return self._by_code[self.canonical_code(code)]
 
     def expert_id(self, code: str) -> int:
         """The routing id (expert index) of a language: the family id that its tokens carry."""
@@ -73,6 +99,10 @@ class LanguageRegistry:
     def languages_of_expert(self, expert_id: int) -> List[str]:
         name = self.experts[expert_id]
         return [lang.code for lang in self.languages if lang.expert == name]
+
+
+def _code_key(code: str) -> str:
+    return code.strip().lower().replace("_", "-")
 
 
 def resolve_table_path(table: str) -> str:
