@@ -91,6 +91,12 @@ def test_defaults_from_file_and_source(tmp_path):
     assert (third.qid, third.lang, third.letters, third.options[0]) == ("medExam_en:4", "fr", "ABC", ("A", "x"))
 
 
+def test_language_codes_are_the_tables_whatever_their_case_or_region(tmp_path):
+    """EN and pt_BR are en and pt: else the scores, which average per table language, would drop them."""
+    path = write(tmp_path, [{**GOOD, "lang": "EN"}, {**GOOD, "lang": "pt_BR"}, {**GOOD, "source": "medQuiz_ZH-cn"}])
+    assert [q.lang for q in read_questions([path])] == ["en", "pt", "zh"]
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object, got list"),

@@ -43,7 +43,7 @@ def parse_data_args(items: Sequence[str], registry: LanguageRegistry) -> Dict[st
         if not sep or not lang or not path:
             raise CorpusError(f"--data {item!r}: expected LANG=PATH, e.g. zh=corpus/zh.jsonl")
         try:
-            registry.language(lang)
+            lang = registry.language(lang).code  # as the table writes it: EN and en are one language
         except LanguageTableError as e:
             raise CorpusError(f"--data {item!r}: {e}") from None
         if lang in out:

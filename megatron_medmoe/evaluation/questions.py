@@ -143,10 +143,9 @@ def _language(record: dict, source: str, registry: LanguageRegistry, fail: Calla
     elif not isinstance(code, str):
         fail(f'"lang" must be a language code string, got {code!r}')
     try:
-        registry.language(code)
+        return registry.language(code).code  # the table's code: EN and en are one language in the scores
     except LanguageTableError as e:
         fail(str(e))
-    return code
 
 
 def format_question(q: Question) -> str:
