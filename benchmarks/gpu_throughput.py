@@ -125,7 +125,13 @@ def run_ours(args, shape: str, precision: str, prefix: str, steps: int, name: st
     cmd = [sys.executable, "-m", "megatron_medmoe", "train", os.path.join(ROOT, recipe), *over]
     if stage:
         cmd[4:4] = ["--stage", stage]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                              timeout=args.run_timeout)
+    except subprocess.TimeoutExpired as e:  # the other rows still run, and the log says how far it got
+        with open(os.path.join(args.out, f"{name}.log"), "w") as f:
+            f.write((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))
+        return {"error": f"timed out after {args.run_timeout} s (--run-timeout)"}
     with open(os.path.join(args.out, f"{name}.log"), "w") as f:
         f.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -135,12 +141,33 @@ def run_ours(args, shape: str, precision: str, prefix: str, steps: int, name: st
         records = [json.loads(line) for line in f]
     timed = records[1:] or records  # the first interval includes start-up and compilation
     return {
+        "layers": layers_used(shape, args, prefix, precision),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "tflops": statistics.median(r["tflops_per_device"] for r in timed),
         "mfu": statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] is not None else None,
         "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in records), default=0.0) or None,
         "losses": [(r["step"], r["loss"]) for r in records],
     }
+
+
+def layers_used(shape: str, args, prefix: str, precision: str) -> str:
+    """transformer_engine or local: what `medmoe train` built for the row on this machine (model.transformer_impl
+    auto builds TransformerEngine layers only where they import)."""
+    from megatron_medmoe.model.backend import use_transformer_engine
+
+    impl = resolved(shape, shape_overrides(args, prefix, precision)).model.transformer_impl
+    return "transformer_engine" if use_transformer_engine(impl) else "local"
+
+
+def free_gpu_memory() -> None:
+    """Hand the cached blocks of this process back, so the next `medmoe train` child has the whole GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def planned_memory_gib(shape: str, precision: str, args, prefix: str) -> float:
@@ -236,6 +263,7 @@ def main():
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--convergence-steps", type=int, default=200, help="FP8 vs bf16 loss after N steps; 0: skip")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--run-timeout", type=int, default=900, help="seconds each `medmoe train` run may take")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "gpu"))
     args = parser.parse_args()
     import torch
@@ -250,6 +278,7 @@ def main():
     results = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device == "cuda"
                else platform.processor() or platform.machine(), "torch": torch.__version__, "args": vars(args)}
     results["matrix_rate"] = rate = matrix_rate(device)
+    free_gpu_memory()
     no_fp8 = fp8_unavailable(args, prefix)
     if "fp8" in args.precisions and no_fp8:
         results["fp8_skipped"] = no_fp8
@@ -264,6 +293,7 @@ def main():
             rows.append({"shape": shape, "stack": "ours", "precision": precision, **ours})
         if not args.no_baseline:
             base = run_baseline(args, shape, prefix, args.steps, device)
+            free_gpu_memory()
             rows.append({"shape": shape, "stack": "baseline (HF-style, expert loop)",
                          "precision": "bf16 autocast" if device == "cuda" else "fp32", **base})
     results["rows"] = rows
@@ -286,17 +316,18 @@ def main():
           f"{args.steps}, the first {args.log_interval} not timed")
     if "fp8_skipped" in results:
         print(f"FP8 skipped: {results['fp8_skipped']}")
-    print("\n| shape | stack | precision | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured GEMM) | peak memory GiB "
-          "| planned GiB | vs baseline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | stack | layers | precision | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured GEMM) | peak "
+          "memory GiB | planned GiB | vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        layers = row.get("layers", "hf-style")
         if "error" in row:
-            print(f"| {row['shape']} | {row['stack']} | {row['precision']} | failed: {row['error']} |||||||")
+            print(f"| {row['shape']} | {row['stack']} | {layers} | {row['precision']} | failed: {row['error']} |||||||")
             continue
         base = next((r for r in rows if r["shape"] == row["shape"] and r["stack"].startswith("baseline")
                      and "error" not in r), None)
         speedup = row["tokens_per_s"] / base["tokens_per_s"] if base else None
-        print(f"| {row['shape']} | {row['stack']} | {row['precision']} | {row['tokens_per_s']:,.0f} | "
+        print(f"| {row['shape']} | {row['stack']} | {layers} | {row['precision']} | {row['tokens_per_s']:,.0f} | "
               f"{row['tflops']:.3g} | {fmt(row.get('mfu'), '.1%')} | {row['tflops'] / rate['tflops']:.1%} | "
               f"{fmt(row.get('peak_memory_gib'), '.1f')} | {fmt(row.get('planned_memory_gib'), '.3g')} | "
               f"{fmt(speedup, '.2f')}x |")
