@@ -98,3 +98,15 @@ def test_the_gpu_image_keeps_what_its_base_ships():
     keep, left = module.split_lock(lock, base)
     assert keep == ["megatron-core==0.16.1", "transformers==5.24.0"]
     assert sorted(left) == ["numpy", "nvidia-dali-cuda130", "pyyaml", "torch"]
+
+
+def test_the_gpu_image_refuses_a_base_megatron_core_cannot_run_on():
+    spec = importlib.util.spec_from_file_location("check_gpu_base", REPO / "docker" / "check_gpu_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.problems({"torch": "2.10.0a0+b4e4ee81d3", "transformer_engine": "2.9.0+70f5366"}) == []
+    assert module.problems({"torch": "2.5.0a0+e000cf0ad9", "transformer_engine": "1.11.0"}) == [
+        "torch 2.5.0a0+e000cf0ad9 is installed, megatron-core 0.16.1 needs >= 2.6",
+        "transformer_engine 1.11.0 is installed, megatron-core 0.16.1 needs >= 2.9, < 2.12"]
+    assert module.problems({"torch": "2.9.0"}) == ["transformer_engine is not installed (need >= 2.9, < 2.12)"]
+    assert "COPY benchmarks benchmarks" in (REPO / "docker" / "Dockerfile").read_text()
