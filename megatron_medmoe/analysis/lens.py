@@ -117,6 +117,7 @@ def run_lens(cfg: RunConfig, env: DistEnv) -> int:
     from ..data.tokenizer import TokenizerError, load_fast_tokenizer
     from ..languages import load_registry
     from ..model.gpt import build_model_chunks
+    from ..runtime.device import gpu_code_path
     from ..runtime.distributed import initialize_distributed, shutdown_distributed
     from ..training.checkpoint import CheckpointError, TrainState, current_layout, load_checkpoint, save_checkpoint
     from ..training.checkpoint_paths import find_checkpoint
@@ -148,7 +149,7 @@ def run_lens(cfg: RunConfig, env: DistEnv) -> int:
         _train(model, states, prompts, reference, subspace, trainable, cfg, registry)
         states.close()
         if cfg.checkpoint.save:
-            layout = current_layout(cfg, torch.cuda.is_available())
+            layout = current_layout(cfg, gpu_code_path())
             save_checkpoint(cfg.checkpoint.save, TrainState(iteration=cfg.training.train_steps, layout=layout),
                             [model], cfg)
             print(f"saved the Lens-tuned weights to {cfg.checkpoint.save} (step {cfg.training.train_steps})", flush=True)

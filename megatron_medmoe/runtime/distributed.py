@@ -13,6 +13,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from ..config import RunConfig
 from . import cpu_compat
+from .device import gpu_code_path
 from .env import DistEnv, LaunchEnvError
 
 
@@ -43,9 +44,10 @@ def initialize_distributed(cfg: RunConfig, env: DistEnv, timeout_minutes: int = 
         expert_model_parallel_size=par.expert,
         expert_tensor_parallel_size=par.expert_tensor,
         distributed_timeout_minutes=timeout_minutes,
-        # megatron-core's gloo copies of its groups serve the GPU distributed optimizer; on gloo they would
-        # only duplicate the groups themselves (a rendezvous each at start)
-        create_gloo_process_groups=backend != "gloo",
+        # megatron-core's gloo copies of its groups serve the distributed optimizer (its memory-efficient
+        # fully_reshardable checkpoints gather over them); the CPU path's optimizer needs none, and on gloo they
+        # would only duplicate the groups themselves (a rendezvous each at start)
+        create_gloo_process_groups=backend != "gloo" or gpu_code_path(),
     )
     set_seeds(cfg.training.seed)
 

@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from ..config import RunConfig, dump_config
 from ..config.validate import grad_bucket_size
 from ..model.experts import SlottedSequentialMLP
+from ..runtime.device import gpu_code_path
 from ..runtime.distributed import collective_device
 from .checkpoint_paths import (LATEST, CheckpointError, find_checkpoint, iteration_dir, latest_iteration,
                                saved_iterations)
@@ -99,8 +100,16 @@ def _rng_object(data) -> ShardedObject:
 def _optimizer_state(optimizer, model_state: dict, cfg: RunConfig, is_loading: bool, on_gpu: bool):
     if on_gpu:
         fmt = cfg.checkpoint.optimizer_format
-        return optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                            metadata={"distrib_optim_sharding_type": fmt})
+        metadata = {"distrib_optim_sharding_type": fmt}
+        if fmt == "fully_reshardable":
+            # gathered to data-parallel rank 0 over gloo as it saves, not all-gathered to every rank: the plain
+            # variant holds the whole state in host memory on every rank (~45 GB per rank at 7B). megatron-core
+            # loads either variant's checkpoints with either setting
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+            # keys named by parameter alone, as Megatron-LM saves them: the chained_N. prefix counts this rank's
+            # optimizers (dense, experts), which differ between layouts
+            metadata["chained_optim_avoid_prefix"] = True
+        return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
 
 
@@ -110,7 +119,7 @@ def save_checkpoint(save_dir: str, state: TrainState, chunks: List[torch.nn.Modu
     mark it latest, then drop checkpoints beyond checkpoint.keep_last. A disk that cannot hold it is found
     before anything is written where possible, and otherwise the partial checkpoint is removed: either way
     the previous checkpoint stays the latest and CheckpointError names the directory and the space needed."""
-    on_gpu = torch.cuda.is_available()
+    on_gpu = gpu_code_path()
     final = iteration_dir(save_dir, state.iteration)
     partial = f"{final}.partial"
     model_state = _model_state(chunks)
@@ -336,7 +345,7 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
 
     Returns the saved training state (for a weights-only load, the caller starts from step 0).
     """
-    on_gpu = torch.cuda.is_available()
+    on_gpu = gpu_code_path()
     path = verified_path(load_dir, cfg.checkpoint.fallback, resuming)
     try:
         common = dist_checkpointing.load_common_state_dict(path)

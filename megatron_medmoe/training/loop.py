@@ -24,6 +24,7 @@ from ..config import RunConfig, config_to_dict
 from ..data.loader import TrainingData, batch_source
 from ..languages import load_registry
 from ..model.gpt import build_model_chunks
+from ..runtime.device import gpu_code_path
 from ..runtime.distributed import collective_device, initialize_distributed, shutdown_distributed
 from ..runtime.env import DistEnv
 from ..runtime.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
@@ -103,7 +104,7 @@ def _nonfinite(reports) -> Optional[Tuple[int, int]]:
 
 
 def _train(cfg: RunConfig) -> int:
-    on_gpu = torch.cuda.is_available()
+    on_gpu = gpu_code_path()
     tr, data = cfg.training, cfg.data
     registry = load_registry(data.language_table)
     models = build_model_chunks(cfg, registry.num_experts)

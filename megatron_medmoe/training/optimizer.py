@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedule and gradient clipping.
 
-GPU: megatron-core's optimizer (mixed precision, distributed optimizer). CPU: torch's AdamW inside
+GPU path (runtime/device.py): megatron-core's optimizer (mixed precision, distributed optimizer), whose
+fully_reshardable checkpoints GpuOptimizer makes load under any layout. CPU path: torch's AdamW inside
 megatron-core's FP32Optimizer, so that its state checkpoints (and reshards) exactly like megatron-core's;
 only the gradient norm and clipping are ours, because megatron-core's allocate CUDA buffers. The norm is
 computed as megatron-core computes it: each gradient counted once across tensor- and expert-parallel
@@ -16,8 +17,9 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
+from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer.optimizer import (ChainedOptimizer, FP32Optimizer, MegatronOptimizer,
+                                               param_group_identifier_keys)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
@@ -105,8 +107,10 @@ def step_if_finite(optimizer) -> Tuple[bool, Optional[float]]:
     for member in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = member.get_parameters()
         if params and member.config.clip_grad > 0:
-            clip_grad_by_total_norm_fp32(params, max_norm=member.config.clip_grad, total_norm=norm,
-                                         use_decoupled_grad=member.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            decoupled = member.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            # looked up at the call, not imported by name: on CPU runtime/cpu_compat.py wraps it
+            clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=member.config.clip_grad, total_norm=norm,
+                                                    use_decoupled_grad=decoupled)
     return optimizer.step_with_ready_grads(), norm
 
 
@@ -123,7 +127,45 @@ def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool):
         return CpuOptimizer(adamw, config)
     from megatron.core.optimizer import get_megatron_optimizer
 
-    return get_megatron_optimizer(config, chunks)
+    return GpuOptimizer(get_megatron_optimizer(config, chunks).chained_optimizers)
+
+
+class GpuOptimizer(ChainedOptimizer):
+    """megatron-core's chained optimizers of a rank (its dense parameters', and its expert parameters' where it
+    holds experts under expert parallelism), whose fully_reshardable checkpoints load under any layout.
+
+    In such a checkpoint the tensors are keyed by parameter, but the rest (param groups, Adam's step) is saved
+    by rank 0 alone, in its own structure: one entry per optimizer it had. ChainedOptimizer reads that structure
+    as if it were the loading rank's, and under another layout a rank may have another number of optimizers
+    (EP 1 has no expert optimizer, nor has a pipeline stage without MoE layers): KeyError. Here each optimizer
+    takes the saved groups that match its own (megatron-core matches groups by these keys anyway) and its own
+    part of the tensors; a group the saving rank 0 did not have keeps its settings and takes the saved step."""
+
+    def load_state_dict(self, state_dict):
+        parts = [state_dict] + [v for k, v in state_dict.items() if isinstance(k, int)]
+        if not any(p.get("param_state_sharding_type") == "fully_reshardable" for p in parts):
+            return super().load_state_dict(state_dict)
+        saved = [g for p in parts if "optimizer" in p for g in p["optimizer"]["param_groups"]]
+        steps = {g["step"] for g in saved if "step" in g}
+        alone = len(self.chained_optimizers) == 1
+        for index, member in enumerate(self.chained_optimizers):
+            own = state_dict if alone else state_dict[index]
+            member.load_state_dict({"optimizer": {"param_groups": _matching_groups(member, saved, steps)},
+                                    "param_state": own["param_state"],
+                                    "param_state_sharding_type": "fully_reshardable"})
+        self._synchronize_steps()
+
+
+def _matching_groups(member, saved: List[dict], steps: set) -> List[dict]:
+    def identity(group):
+        return tuple(group.get(k) for k in param_group_identifier_keys)
+
+    by_identity = {identity(g): g for g in saved}
+    groups = []
+    for group in member.optimizer.param_groups:
+        own = {k: v for k, v in group.items() if k != "params"}
+        groups.append(by_identity.get(identity(group), {**own, **({"step": min(steps)} if steps else {})}))
+    return groups
 
 
 def build_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamScheduler:

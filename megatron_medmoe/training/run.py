@@ -68,9 +68,9 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
                 raise BackendError("data.attention=per_document is not supported with TransformerEngine layers "
                                    "yet: use model.transformer_impl=local, or data.attention=shared")
         if cfg.training.precision == "bf16":
-            import torch
+            from ..runtime.device import gpu_code_path
 
-            if not torch.cuda.is_available():
+            if not gpu_code_path():  # bf16 is the GPU path's precision: the CPU path's optimizer is fp32 only
                 raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
     return stages
 
