@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,8 +39,8 @@ from ..runtime.device import gpu_code_path
 from ..runtime.distributed import collective_device
 from .checkpoint_paths import (LATEST, CheckpointError, find_checkpoint, iteration_dir, latest_iteration,
                                saved_iterations)
-from .manifest import (ChecksumWhileWriting, checkpoint_problem, damaged_message, fallback_candidates,
-                       read_manifest, write_manifest)
+from .manifest import (ChecksumWhileWriting, ShardChecksumsMeanwhile, checkpoint_problem, damaged_message,
+                       fallback_candidates, is_shard, read_manifest, write_manifest)
 from .optimizer import schedule_changes
 
 __all__ = ["CheckpointError", "TrainState", "current_layout", "find_checkpoint", "iteration_dir", "latest_iteration",
@@ -291,22 +291,33 @@ def _padding_prefixes(chunk) -> List[str]:
     return prefixes
 
 
-def _problem_anywhere(path: str) -> Optional[str]:
-    """Collective: the ranks verify the checkpoint together (each checksums a share of its files)."""
-    problem = checkpoint_problem(path, share=(dist.get_rank(), dist.get_world_size()))
+def _first_problem(problem: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's problem, on every rank."""
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     return next((p for p in problems if p), None)
 
 
-def verified_path(load_dir: str, fallback: bool = False, resuming: bool = False) -> str:
+def _share() -> Tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _problem_anywhere(path: str, shards_later: bool = False) -> Optional[str]:
+    """Collective: the ranks verify the checkpoint together (each checksums a share of its files; with
+    `shards_later` the small files only, the shards' sizes aside: their checksums run while they load)."""
+    checksum_if = (lambda name: not is_shard(name)) if shards_later else (lambda name: True)
+    return _first_problem(checkpoint_problem(path, share=_share(), checksum_if=checksum_if))
+
+
+def verified_path(load_dir: str, fallback: bool = False, resuming: bool = False, shards_later: bool = False) -> str:
     """Collective: the checkpoint to load from `load_dir` (a checkpoint, or a save directory's latest), verified
     against its manifest. A damaged latest is a CheckpointError naming the file, or with `fallback` the newest
     checkpoint of the save directory that verifies, announced loudly. When resuming (our own save directory,
-    whose lock we hold) the damaged newer checkpoints are set aside as iter_N.damaged and latest rewritten."""
+    whose lock we hold) the damaged newer checkpoints are set aside as iter_N.damaged and latest rewritten.
+    `shards_later`: the shards' checksums are left to the caller (ShardChecksumsMeanwhile)."""
     try:
         path = find_checkpoint(load_dir)
-        problem = _problem_anywhere(path)
+        problem = _problem_anywhere(path, shards_later)
     except CheckpointError as e:  # LATEST unreadable or naming a missing iteration
         if not saved_iterations(load_dir):
             raise
@@ -346,7 +357,10 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
     Returns the saved training state (for a weights-only load, the caller starts from step 0).
     """
     on_gpu = gpu_code_path()
-    path = verified_path(load_dir, cfg.checkpoint.fallback, resuming)
+    # the shards' checksums run while they load (checkpoint.fallback has to know first which checkpoint verifies)
+    shards_later = not cfg.checkpoint.fallback
+    path = verified_path(load_dir, cfg.checkpoint.fallback, resuming, shards_later)
+    meanwhile = ShardChecksumsMeanwhile(path, _share()) if shards_later else None
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except BaseException as e:  # dist_checkpointing raises several kinds for a broken or foreign checkpoint
@@ -370,10 +384,16 @@ def load_checkpoint(load_dir: str, chunks: List[torch.nn.Module], cfg: RunConfig
         sharded["optimizer"] = _optimizer_state(optimizer, model_state, cfg, is_loading=True, on_gpu=on_gpu)
     if same_layout:
         sharded["rng_state"] = _rng_object(None)
+    load_error = None
     try:
         loaded = dist_checkpointing.load(sharded, path)
     except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+        load_error = e
+    problem = _first_problem(meanwhile.problem()) if meanwhile is not None else None
+    if problem:  # nothing loaded from a damaged shard is used: the run stops here
+        raise CheckpointError(damaged_message(problem))
+    if load_error is not None:
+        raise CheckpointError(f"cannot load {path}: {type(load_error).__name__}: {load_error}") from None
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)

@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import xxhash
 
@@ -181,19 +181,53 @@ def file_problem(directory: str, name: str, expected: dict, checksums: bool = Tr
     return None
 
 
-def checkpoint_problem(directory: str, share: Tuple[int, int] = (0, 1), checksums: bool = True) -> Optional[str]:
-    """What is wrong with a checkpoint, or None when it verifies. `share` = (index, count): check every
-    count-th file from index on (ranks verify a checkpoint together); sizes are always checked for all."""
+def is_shard(name: str) -> bool:
+    """dist_checkpointing's tensor data, nearly all of a checkpoint's bytes (the rest is small: metadata,
+    common.pt, run_config.yaml)."""
+    return name.endswith(".distcp")
+
+
+def checkpoint_problem(directory: str, share: Tuple[int, int] = (0, 1), checksums: bool = True,
+                       checksum_if: Callable[[str], bool] = lambda name: True,
+                       only: Callable[[str], bool] = lambda name: True) -> Optional[str]:
+    """What is wrong with a checkpoint, or None when it verifies. `share` = (index, count): checksum every
+    count-th file from index on (ranks verify a checkpoint together); `checksum_if` chooses the files to
+    checksum and `only` the files to check at all (sizes: every one of those, on every rank)."""
     try:
         files = read_manifest(directory)
     except CheckpointError as e:
         return str(e)
     index, count = share
     for i, (name, expected) in enumerate(sorted(files.items())):
-        problem = file_problem(directory, name, expected, checksums=checksums and i % count == index)
+        if not only(name):
+            continue
+        problem = file_problem(directory, name, expected,
+                               checksums=checksums and checksum_if(name) and i % count == index)
         if problem:
             return problem
     return None
+
+
+class ShardChecksumsMeanwhile:
+    """The shards' checksums of this rank's share, in a thread, while the caller loads the checkpoint: the
+    loaded state is only used once `problem()` has said the shards are whole (the other files, small, were
+    verified before loading)."""
+
+    def __init__(self, directory: str, share: Tuple[int, int]):
+        self._problem: Optional[str] = None
+        self._thread = threading.Thread(target=self._check, args=(directory, share), name="medmoe-verify",
+                                        daemon=True)
+        self._thread.start()
+
+    def _check(self, directory: str, share: Tuple[int, int]) -> None:
+        try:
+            self._problem = checkpoint_problem(directory, share, only=is_shard)
+        except OSError as e:  # a file that vanished or cannot be read while we looked
+            self._problem = f"{directory}: {e.strerror or e} ({e.filename})"
+
+    def problem(self) -> Optional[str]:
+        self._thread.join()
+        return self._problem
 
 
 def damaged_message(problem: str) -> str:
@@ -215,5 +249,5 @@ def fallback_candidates(save_dir: str) -> Sequence[str]:
     return [iteration_dir(save_dir, i) for i in sorted(saved_iterations(save_dir), reverse=True)]
 
 
-__all__ = ["ALGORITHM", "LATEST", "MANIFEST", "ChecksumWhileWriting", "checkpoint_problem", "checksum_files", "damaged_message",
+__all__ = ["ALGORITHM", "LATEST", "MANIFEST", "ChecksumWhileWriting", "ShardChecksumsMeanwhile", "checkpoint_problem", "checksum_files", "damaged_message",
            "fallback_candidates", "files_of_rank", "read_manifest", "verified_checkpoint", "write_manifest"]
