@@ -110,3 +110,11 @@ def test_the_gpu_image_refuses_a_base_megatron_core_cannot_run_on():
         "transformer_engine 1.11.0 is installed, megatron-core 0.16.1 needs >= 2.9, < 2.12"]
     assert module.problems({"torch": "2.9.0"}) == ["transformer_engine is not installed (need >= 2.9, < 2.12)"]
     assert "COPY benchmarks benchmarks" in (REPO / "docker" / "Dockerfile").read_text()
+
+
+def test_the_package_installs_on_the_pythons_megatron_core_supports():
+    """megatron-core 0.16.1 runs on 3.10-3.12; GPU machines and NVIDIA's recent images have 3.12."""
+    from packaging.specifiers import SpecifierSet
+
+    allowed = SpecifierSet(re.search(r'python_requires="([^"]+)"', (REPO / "setup.py").read_text()).group(1))
+    assert all(v in allowed for v in ("3.10", "3.11", "3.12")), allowed
