@@ -184,6 +184,9 @@ def test_cli_rejects_a_bad_config_before_starting_processes(tmp_path):
     ("training.precision=bf16", "training.precision=bf16 needs GPUs"),
     ("fp8.format=hybrid training.precision=bf16", "fp8.format=hybrid needs TransformerEngine layers, which cannot be "
                                                   "used here (no GPU is present); remove fp8.format"),
+    ("parallel.overlap_grad_reduce=true parallel.overlap_param_gather=true",
+     "parallel.overlap_param_gather needs the distributed optimizer, which runs on GPUs"),
+    ("parallel.overlap_param_gather=true", "parallel.overlap_param_gather needs parallel.overlap_grad_reduce=true"),
 ])
 def test_cli_refuses_gpu_only_options_on_cpu(tmp_path, override, message):
     proc = run_medmoe(train_stage("cpt", *override.split(), f"logging.output_dir={tmp_path}"), check=False,

@@ -100,6 +100,22 @@ def test_a_bf16_resume_is_bitwise_the_run_never_stopped(trained, finetuned):
 
 
 @pytest.mark.multiprocess
+def test_overlapped_weight_gathering_saves_and_resumes_bitwise(trained, finetuned):
+    """parallel.overlap_param_gather: the updated weights are gathered during the next forward pass, so at a save
+    the model's weights lag the optimizer; the save gathers them first. Stopped after step 2 and resumed, the run
+    is bitwise the one that gathers them right after each step and never stopped (same gradient buckets)."""
+    root, checkpoint = trained
+    start = [*FROM_TRAINED, *OVERLAP, f"checkpoint.load={checkpoint}"]
+    train(root / "opg-ref", *start, f"training.train_steps={STEPS}", "checkpoint.save=null")
+    save, out = root / "opg" / "ckpt", root / "opg" / "out"
+    common = [*start, "parallel.overlap_param_gather=true", f"checkpoint.save={save}"]
+    train(out, *common, "training.train_steps=2")
+    again = train(out, *common, f"training.train_steps={STEPS}")
+    assert f"resuming from {save / 'cpt'} at step 2 (row 16)" in again.stdout
+    assert trajectory(read_metrics(out, "cpt")) == trajectory(read_metrics(root / "opg-ref", "cpt"))
+
+
+@pytest.mark.multiprocess
 def test_dp_reshardable_state_is_refused_under_another_layout(trained):
     root, checkpoint = trained
     proc = train(root / "refused", *BF16, f"checkpoint.load={checkpoint}", "training.train_steps=14", *PP2,

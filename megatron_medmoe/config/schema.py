@@ -71,6 +71,10 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     # parameters per gradient bucket with overlap_grad_reduce; null: megatron-core's max(40M, 1M x data size)
     ddp_bucket_size: Optional[int] = None
+    # the distributed optimizer's all-gather of the updated weights runs bucket by bucket during the next
+    # step's forward pass instead of right after the step (Megatron-LM's --overlap-param-gather; GPUs, and
+    # with overlap_grad_reduce)
+    overlap_param_gather: bool = False
 
 
 @dataclass

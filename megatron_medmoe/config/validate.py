@@ -167,6 +167,9 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
         need(par.overlap_grad_reduce, "parallel.ddp_bucket_size only applies with parallel.overlap_grad_reduce=true "
                                       "(without it the gradients are reduced in one piece)")
         need(par.ddp_bucket_size > 0, f"parallel.ddp_bucket_size ({par.ddp_bucket_size}) must be positive")
+    if par.overlap_param_gather:
+        need(par.overlap_grad_reduce, "parallel.overlap_param_gather needs parallel.overlap_grad_reduce=true (the "
+                                      "weights are gathered by the gradient buckets, as in Megatron-LM)")
     chunks = pp * (par.virtual_pipeline or 1)
     pp_fits = m.num_layers % chunks == 0 and (par.virtual_pipeline is None or pp > 1)
     need(m.num_layers % chunks == 0,

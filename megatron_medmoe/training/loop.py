@@ -43,7 +43,8 @@ def wrap_ddp(chunks, cfg: RunConfig, on_gpu: bool):
     config = chunks[0].config
     par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
-                                               bucket_size=par.ddp_bucket_size, use_distributed_optimizer=on_gpu)
+                                               bucket_size=par.ddp_bucket_size, use_distributed_optimizer=on_gpu,
+                                               overlap_param_gather=par.overlap_param_gather)
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                        disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
 
@@ -53,6 +54,8 @@ def wrap_ddp(chunks, cfg: RunConfig, on_gpu: bool):
     config.no_sync_func = per_chunk([m.no_sync for m in wrapped])
     if par.overlap_grad_reduce:
         config.grad_sync_func = per_chunk([m.start_grad_sync for m in wrapped])
+    if par.overlap_param_gather:  # DDP's forward pre-hooks wait for each bucket; the schedules start each chunk's
+        config.param_sync_func = per_chunk([m.start_param_sync for m in wrapped])
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
 
@@ -110,7 +113,7 @@ def _train(cfg: RunConfig) -> int:
     models = build_model_chunks(cfg, registry.num_experts)
     chunks = [Float16Module(m.config, m) for m in models] if tr.precision == "bf16" else models
     model = wrap_ddp(chunks, cfg, on_gpu)
-    optimizer = build_optimizer(model, tr, on_gpu)
+    optimizer = build_optimizer(model, tr, on_gpu, cfg.parallel.overlap_param_gather)
     scheduler = build_scheduler(optimizer, tr)
     state, resumed = _start(cfg, models, optimizer, scheduler, on_gpu)
     state.layout = current_layout(cfg, on_gpu)
@@ -142,7 +145,17 @@ def _train(cfg: RunConfig) -> int:
     def save() -> Optional[str]:
         if not cfg.checkpoint.save:
             return None
-        return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
+        if not cfg.parallel.overlap_param_gather:
+            return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
+        # the model's weights lag the optimizer's step until the next forward pass gathers them: gather them now
+        # (disabling the hooks syncs), save, then let the next forward pass overlap again (as Megatron-LM does)
+        for chunk in model:
+            chunk.disable_forward_pre_hook()
+        try:
+            return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
+        finally:
+            for chunk in model:
+                chunk.enable_forward_pre_hook()
 
     stop = process_stop_request()  # installed when the rank started: it holds signals of the start-up too
     stop.set_wall_limit(tr.max_wall_minutes)

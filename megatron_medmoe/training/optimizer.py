@@ -114,12 +114,12 @@ def step_if_finite(optimizer) -> Tuple[bool, Optional[float]]:
     return optimizer.step_with_ready_grads(), norm
 
 
-def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool):
+def build_optimizer(chunks, tr: TrainingConfig, on_gpu: bool, overlap_param_gather: bool = False):
     bf16 = tr.precision == "bf16"
     config = OptimizerConfig(optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
                              adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
                              clip_grad=tr.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                             use_distributed_optimizer=on_gpu)
+                             use_distributed_optimizer=on_gpu, overlap_param_gather=overlap_param_gather)
     if not on_gpu:
         params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
         adamw = torch.optim.AdamW(param_groups(params, tr.weight_decay), lr=tr.lr,

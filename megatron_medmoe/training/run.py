@@ -72,6 +72,12 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
 
             if not gpu_code_path():  # bf16 is the GPU path's precision: the CPU path's optimizer is fp32 only
                 raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
+        if cfg.parallel.overlap_param_gather:
+            from ..runtime.device import gpu_code_path
+
+            if not gpu_code_path():  # the CPU path's optimizer keeps whole weights on every rank: nothing to gather
+                raise BackendError("parallel.overlap_param_gather needs the distributed optimizer, which runs on "
+                                   "GPUs; remove it on CPU")
     return stages
 
 
