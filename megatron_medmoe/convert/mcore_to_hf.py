@@ -134,7 +134,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, fmt: str, tokenizer: Optional[str] = No
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(partial, name))
         elif not quiet:
-            print(f"note: no tokenizer files written (the checkpoint's datasets name none); pass --tokenizer DIR")
+            print("note: no tokenizer files written (the checkpoint's datasets name none); pass --tokenizer DIR")
         if cfg.moe.routing == "hard" and not quiet:
             print(f"note: {path} routes each token to its family's expert (moe.routing hard), which no Hugging Face "
                   "config can say: the tensors are exact, but transformers routes by the router (top 1, softmax "

@@ -4,7 +4,7 @@ Each rank checksums the files it writes (dist_checkpointing names them `__RANK_N
 the rest) while they are being written, from the page cache; rank 0 writes the manifest last, before the
 checkpoint is renamed into place. A checkpoint is complete only when its manifest
 verifies: every listed file present, of its size and checksum. Training, conversion, analysis and
-evaluation verify before they load, and no checkpoint that fails is ever used without saying so.
+evaluation verify what they load, and no checkpoint that fails is ever used without saying so.
 No megatron-core or torch here: the launcher checks completeness before starting any worker.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import xxhash
 
-from .checkpoint_paths import LATEST, CheckpointError, find_checkpoint, iteration_dir, saved_iterations
+from .checkpoint_paths import CheckpointError, iteration_dir, saved_iterations
 
 MANIFEST = "manifest.json"
 ALGORITHM = "xxh3_128"
@@ -235,19 +235,11 @@ def damaged_message(problem: str) -> str:
             "checkpoint.fallback=true (medmoe train --ckpt-fallback)")
 
 
-def verified_checkpoint(load_dir: str) -> str:
-    """The checkpoint `load_dir` names (itself, or a save directory's latest), verified; else CheckpointError."""
-    path = find_checkpoint(load_dir)
-    problem = checkpoint_problem(path)
-    if problem:
-        raise CheckpointError(damaged_message(problem))
-    return path
-
-
 def fallback_candidates(save_dir: str) -> Sequence[str]:
     """A save directory's checkpoints, newest first: where checkpoint.fallback looks."""
     return [iteration_dir(save_dir, i) for i in sorted(saved_iterations(save_dir), reverse=True)]
 
 
-__all__ = ["ALGORITHM", "LATEST", "MANIFEST", "ChecksumWhileWriting", "ShardChecksumsMeanwhile", "checkpoint_problem", "checksum_files", "damaged_message",
-           "fallback_candidates", "files_of_rank", "read_manifest", "verified_checkpoint", "write_manifest"]
+__all__ = ["ALGORITHM", "MANIFEST", "ChecksumWhileWriting", "ShardChecksumsMeanwhile", "checkpoint_problem",
+           "checksum_files", "damaged_message", "fallback_candidates", "files_of_rank", "is_shard", "read_manifest",
+           "write_manifest"]

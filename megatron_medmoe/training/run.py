@@ -67,18 +67,22 @@ def _resolved(config_path: str, overrides: Sequence[str], env: Optional[DistEnv]
             if use_transformer_engine(impl) and cfg.data.attention == "per_document":
                 raise BackendError("data.attention=per_document is not supported with TransformerEngine layers "
                                    "yet: use model.transformer_impl=local, or data.attention=shared")
-        if cfg.training.precision == "bf16":
-            from ..runtime.device import gpu_code_path
-
-            if not gpu_code_path():  # bf16 is the GPU path's precision: the CPU path's optimizer is fp32 only
+        # GPU-path options (torch imported only for them: 2 s a process). bf16 is that path's precision (the CPU
+        # path's optimizer is fp32 only), and the CPU path's optimizer keeps whole weights on every rank: nothing
+        # to gather
+        gpu_path_only = cfg.training.precision == "bf16" or cfg.parallel.overlap_param_gather
+        if gpu_path_only and not _gpu_code_path():
+            if cfg.training.precision == "bf16":
                 raise BackendError("training.precision=bf16 needs GPUs; on CPU the model trains in fp32")
-        if cfg.parallel.overlap_param_gather:
-            from ..runtime.device import gpu_code_path
-
-            if not gpu_code_path():  # the CPU path's optimizer keeps whole weights on every rank: nothing to gather
-                raise BackendError("parallel.overlap_param_gather needs the distributed optimizer, which runs on "
-                                   "GPUs; remove it on CPU")
+            raise BackendError("parallel.overlap_param_gather needs the distributed optimizer, which runs on GPUs; "
+                               "remove it on CPU")
     return stages
+
+
+def _gpu_code_path() -> bool:
+    from ..runtime.device import gpu_code_path
+
+    return gpu_code_path()
 
 
 def _complete(stage: Stage, coordinator: bool) -> bool:

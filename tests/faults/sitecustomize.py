@@ -15,7 +15,7 @@ import os
 import signal
 
 
-def _install(kind: str, when: int) -> None:
+def _install(kind: str, when) -> None:
     if kind == "kill_in_save":
         from megatron.core import dist_checkpointing
 
@@ -56,7 +56,7 @@ def _install(kind: str, when: int) -> None:
         check = checkpoint._check_free_space
         checkpoint._check_free_space = lambda save_dir, needed, iteration: check(save_dir, 0, iteration)
     elif kind == "signal_at":
-        _signal_at(("model", "load", "data")[when])
+        _signal_at(when)
     else:
         raise ValueError(f"MEDMOE_FAULT: unknown kind {kind!r}")
 
@@ -78,5 +78,4 @@ _fault = os.environ.get("MEDMOE_FAULT")
 if _fault and os.environ.get("MEDMOE_LOCAL_WORKER") == "1" and os.environ.get("RANK") is not None:
     _kind, _rank, _when = _fault.split(":")
     if _rank == "*" or int(os.environ["RANK"]) == int(_rank):
-        _when = ("model", "load", "data").index(_when) if _kind == "signal_at" else int(_when)
-        _install(_kind, _when)
+        _install(_kind, _when if _kind == "signal_at" else int(_when))
