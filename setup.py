@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "safetensors",
     "matplotlib",  # PNG charts: preprocessing summaries, analysis heatmaps
     "xxhash>=3",  # checkpoint manifests: a checksum per file at memory speed
+    "ijson>=3.2",  # preprocess: JSON-array inputs (the ApolloMoE release's format) streamed, never loaded whole
+    "pyarrow>=15",  # preprocess: Parquet inputs (what Hugging Face datasets export), read by row group
 ]
 
 EXTRAS = {
@@ -34,7 +36,7 @@ setup(
     version="0.1.0",
     description="Distributed trainer for multilingual medical Post-MoE language-family expert models",
     packages=find_packages(include=["megatron_medmoe", "megatron_medmoe.*"]),
-    package_data={"megatron_medmoe": ["languages/*.yaml"]},
+    package_data={"megatron_medmoe": ["languages/*.yaml", "evaluation/apollomoe/*.yaml", "evaluation/apollomoe/*.json"]},
     python_requires=">=3.10",  # megatron-core 0.16.1 supports 3.10-3.12; GPU images ship 3.12
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
