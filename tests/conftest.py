@@ -93,7 +93,13 @@ def one_process_reference(root: Path, stage: str, *args: str) -> List[float]:
                            f"logging.output_dir={init}"))
     run_medmoe(train_stage(stage, *args, f"checkpoint.load={init}/{stage}", "checkpoint.finetune=true",
                            "checkpoint.save=null", f"logging.output_dir={root / 'ref'}"))
-    return [r["loss"] for r in read_metrics(root / "ref", stage)]
+    return [r["loss"] for r in read_metrics(root / "ref", stage) if "loss" in r]
+
+
+def validation_losses(output_dir, stage: str = "") -> List[tuple]:
+    """(step, validation loss, per-family validation losses) of each validation a run recorded."""
+    return [(r["step"], r["validation"]["loss"], r["validation"]["family_loss"])
+            for r in read_metrics(output_dir, stage) if "validation" in r]
 
 
 def tiny_config(stage: str, overrides=(), world_size=None):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, cpu_env, read_metrics, run_medmoe, tiny_config, train_stage
+from conftest import REPO, TINY_DATA, cpu_env, read_metrics, run_medmoe, tiny_config, train_stage
 from megatron_medmoe.runtime.device import GPU_PATH_ON_CPU_ENV
 from megatron_medmoe.runtime.exit_codes import EXIT_INPUT
 
@@ -31,7 +31,7 @@ def train(out, *overrides, check=True):
 
 
 def trajectory(records):
-    return [(r["step"], r["loss"], r["family_loss"], r["grad_norm"]) for r in records]
+    return [(r["step"], r["loss"], r["family_loss"], r["grad_norm"]) for r in records if "loss" in r]
 
 
 def checkpoint_layout(checkpoint_dir):
@@ -103,16 +103,20 @@ def test_a_bf16_resume_is_bitwise_the_run_never_stopped(trained, finetuned):
 def test_overlapped_weight_gathering_saves_and_resumes_bitwise(trained, finetuned):
     """parallel.overlap_param_gather: the updated weights are gathered during the next forward pass, so at a save
     the model's weights lag the optimizer; the save gathers them first. Stopped after step 2 and resumed, the run
-    is bitwise the one that gathers them right after each step and never stopped (same gradient buckets)."""
+    is bitwise the one that gathers them right after each step and never stopped (same gradient buckets). It
+    validates after every step too (bf16, the distributed optimizer's lagging weights gathered first), which
+    changes no training step."""
     root, checkpoint = trained
     start = [*FROM_TRAINED, *OVERLAP, f"checkpoint.load={checkpoint}"]
     train(root / "opg-ref", *start, f"training.train_steps={STEPS}", "checkpoint.save=null")
     save, out = root / "opg" / "ckpt", root / "opg" / "out"
-    common = [*start, "parallel.overlap_param_gather=true", f"checkpoint.save={save}"]
+    common = [*start, "parallel.overlap_param_gather=true", f"checkpoint.save={save}",
+              f"data.validation=[{{prefix: {TINY_DATA['chat']}}}]", "training.eval_interval=1", "training.eval_iters=1"]
     train(out, *common, "training.train_steps=2")
     again = train(out, *common, f"training.train_steps={STEPS}")
     assert f"resuming from {save / 'cpt'} at step 2 (row 16)" in again.stdout
     assert trajectory(read_metrics(out, "cpt")) == trajectory(read_metrics(root / "opg-ref", "cpt"))
+    assert [r["step"] for r in read_metrics(out, "cpt") if "validation" in r] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.multiprocess

@@ -1,14 +1,16 @@
 """Layout equivalence: from the same initial weights (one checkpoint, loaded under each layout) the loss
-of several training steps is equal in fp32, within 1e-6 relative, for TP, EP (both token dispatchers),
-PP, interleaved PP, combined 4-process layouts, gradients reduced during the backward pass, and other expert
-slot counts and placements. Every run is `medmoe train` in real processes."""
+of several training steps, and the validation loss (overall and per family) after steps 2 and 4, are equal in
+fp32, within 1e-6 relative, for TP, EP (both token dispatchers), PP, interleaved PP, combined 4-process
+layouts, gradients reduced during the backward pass, and other expert slot counts and placements. Every run is
+`medmoe train` in real processes."""
 import pytest
 
-from conftest import one_process_reference, read_metrics, run_medmoe, train_stage
+from conftest import TINY_DATA, one_process_reference, read_metrics, run_medmoe, train_stage, validation_losses
 
 STEPS = 4
 COMMON = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.log_interval=1",
-          "training.lr_warmup_steps=1", "moe.expert_slots=8", "parallel.expert=1", f"training.train_steps={STEPS}"]
+          "training.lr_warmup_steps=1", "moe.expert_slots=8", "parallel.expert=1", f"training.train_steps={STEPS}",
+          f"data.validation=[{{prefix: {TINY_DATA['chat']}}}]", "training.eval_interval=2", "training.eval_iters=1"]
 
 LAYOUTS = {
     "tp2": ["parallel.tensor=2"],
@@ -44,5 +46,10 @@ def test_same_losses_as_one_process(reference, name):
     if "overlap" in name:
         buckets = int(proc.stdout.split("gradients reduced in ")[1].split()[0])
         assert buckets > 1, proc.stdout
-    losses = [r["loss"] for r in read_metrics(out, "cpt")]
+    losses = [r["loss"] for r in read_metrics(out, "cpt") if "loss" in r]
     assert losses == pytest.approx(expected, rel=1e-6, abs=0), f"{name}: {losses} vs {expected}"
+    validated, reference_validation = validation_losses(out, "cpt"), validation_losses(root / "ref", "cpt")
+    assert [step for step, _, _ in reference_validation] == [2, 4]
+    for (step, loss, families), (_, want, want_families) in zip(validated, reference_validation, strict=True):
+        assert loss == pytest.approx(want, rel=1e-6, abs=0), f"{name}: validation at step {step}"
+        assert families == pytest.approx(want_families, rel=1e-6, abs=0), f"{name}: validation at step {step}"

@@ -106,6 +106,12 @@ class TrainingConfig:
     # lm: next-token loss on data.datasets; lens: Lens language-subspace tuning on lens.parallel_data (one
     # process; only the top lens.trainable_layers layers train, against the frozen starting model)
     objective: Literal["lm", "lens"] = "lm"
+    # validation every N steps (Megatron-LM --eval-interval), and always after the stage's last step when there is
+    # validation data (data.validation or data.validation_fraction); null: only after the last step
+    eval_interval: Optional[int] = None
+    # global batches of validation rows per validation (Megatron-LM --eval-iters); the same rows every time, fewer
+    # when the validation documents fill fewer
+    eval_iters: int = 10
 
 
 @dataclass
@@ -115,8 +121,18 @@ class DatasetSpec:
 
 
 @dataclass
+class ValidationSpec:
+    prefix: str = ""  # a `medmoe preprocess --output-prefix` never trained on
+
+
+@dataclass
 class DataConfig:
     datasets: List[DatasetSpec] = field(default_factory=list)  # preprocessed datasets to train on
+    # held-out datasets for the validation loss (Megatron-LM --valid-data-path): a list of {prefix: ...}
+    validation: List[ValidationSpec] = field(default_factory=list)
+    # this fraction of each training dataset's documents (chosen by training.seed) is held out for validation and
+    # never trained on; 0 = none (Megatron-LM --split)
+    validation_fraction: float = 0.0
     # weighted: by data.datasets[].weight; apollo: ApolloMoE's priority recipe; temperature: p(language) ~ tokens^alpha
     sampling: Literal["weighted", "apollo", "temperature"] = "weighted"
     temperature_alpha: float = 0.3  # for sampling: temperature

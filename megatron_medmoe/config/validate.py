@@ -258,6 +258,16 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
                                                                   "must be > 0")
     need(data.knowledge_epochs >= 0 and data.other_epochs >= 0 and data.knowledge_epochs + data.other_epochs > 0,
          "data.knowledge_epochs and data.other_epochs must be >= 0, and not both 0")
+    need(0 <= data.validation_fraction < 1, f"data.validation_fraction must be in [0, 1), got {data.validation_fraction}")
+    has_validation = bool(data.validation) or data.validation_fraction > 0
+    if tr.eval_interval is not None:
+        need(tr.eval_interval >= 1, f"training.eval_interval must be at least 1 (or null), got {tr.eval_interval}")
+        need(has_validation, "training.eval_interval: there is no validation data: list held-out datasets in "
+                             "data.validation or hold out a share of the training data with data.validation_fraction")
+    need(tr.eval_iters >= 1, f"training.eval_iters must be at least 1, got {tr.eval_iters}")
+    if has_validation and tr.objective == "lens":
+        problems.append("data.validation / data.validation_fraction: validation loss is measured by language-model "
+                        "training (training.objective=lm); Lens reports its own losses")
     need(cfg.logging.log_interval >= 1, "logging.log_interval must be at least 1")
     if cfg.checkpoint.save_interval is not None:
         need(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be at least 1")
@@ -322,20 +332,22 @@ def _check_datasets(cfg: RunConfig, problems: List[str]) -> None:
     (null takes the first dataset's): refused here, before any worker starts, not when the workers open the data."""
     m = cfg.model
     given = m.vocab_size
-    for i, spec in enumerate(cfg.data.datasets):
+    listed = [(f"data.datasets[{i}]", spec) for i, spec in enumerate(cfg.data.datasets)]
+    listed += [(f"data.validation[{i}]", spec) for i, spec in enumerate(cfg.data.validation)]
+    for name, spec in listed:
         if not os.path.isfile(spec.prefix + ".json"):
-            problems.append(f"data.datasets[{i}].prefix: {spec.prefix!r} is not a preprocessed dataset "
+            problems.append(f"{name}.prefix: {spec.prefix!r} is not a preprocessed dataset "
                             f"(no {spec.prefix}.json): run `medmoe preprocess --output-prefix {spec.prefix} ...` first")
             continue
         try:
             vocab = _summary_vocab_size(spec.prefix)
         except ValueError as e:
-            problems.append(f"data.datasets[{i}].prefix: {e}")
+            problems.append(f"{name}.prefix: {e}")
             continue
         if m.vocab_size is None:
             m.vocab_size = vocab
         elif given is not None and vocab > given:
-            problems.append(f"model.vocab_size ({given}) is below the vocabulary of data.datasets[{i}] "
+            problems.append(f"model.vocab_size ({given}) is below the vocabulary of {name} "
                             f"{spec.prefix!r} ({vocab} token ids, from {spec.prefix}.json): set model.vocab_size to "
                             f"at least {vocab}, or null to take it from the datasets")
 

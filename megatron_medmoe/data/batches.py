@@ -38,6 +38,14 @@ class RowBuilder:
     def num_rows(self) -> int:
         return self.segments.num_rows
 
+    def padding_row(self) -> Dict[str, np.ndarray]:
+        """A row of padding only (no loss): fills validation's last global batch."""
+        s = self.seq_length
+        pad = np.full(s, self.pad_id, dtype=np.int64)
+        return {"tokens": pad, "labels": pad.copy(), "loss_mask": np.zeros(s, dtype=np.float32),
+                "family_ids": np.zeros(s, dtype=np.int64), "position_ids": np.arange(s, dtype=np.int64),
+                "piece": np.zeros(s, dtype=np.int64)}
+
     def row(self, index: int) -> Dict[str, np.ndarray]:
         s = self.seq_length
         tokens = np.full(s, self.pad_id, dtype=np.int64)

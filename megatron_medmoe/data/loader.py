@@ -14,11 +14,14 @@ from ..languages import LanguageRegistry
 from .batches import MicroBatch, RowBuilder, micro_batches
 from .blending import apollo_plan, language_shares, temperature_plan, weighted_plan
 from .dataset import DatasetError, PreprocessedDataset
+from .holdout import hold_out
 from .packing import pack
 
 
-def open_datasets(cfg: RunConfig) -> List[PreprocessedDataset]:
-    datasets = [PreprocessedDataset.open(spec.prefix) for spec in cfg.data.datasets]
+def open_datasets(cfg: RunConfig, prefixes: Optional[List[str]] = None) -> List[PreprocessedDataset]:
+    """The training datasets (or those of `prefixes`), checked to share one tokenizer that fits the model."""
+    prefixes = [spec.prefix for spec in cfg.data.datasets] if prefixes is None else prefixes
+    datasets = [PreprocessedDataset.open(prefix) for prefix in prefixes]
     first = datasets[0].summary
     for ds in datasets[1:]:
         if (ds.summary["vocab_size"], ds.summary["end_of_text_id"]) != (first["vocab_size"], first["end_of_text_id"]):
@@ -28,6 +31,12 @@ def open_datasets(cfg: RunConfig) -> List[PreprocessedDataset]:
         raise DatasetError(f"the datasets use {first['vocab_size']} token ids but model.vocab_size is "
                            f"{cfg.model.vocab_size}")
     return datasets
+
+
+def training_datasets(cfg: RunConfig):
+    """(what training samples from, the documents held out of it for validation): the training datasets minus
+    data.validation_fraction of each (data/holdout.py), and those held-out documents."""
+    return hold_out(open_datasets(cfg), cfg.data.validation_fraction, cfg.training.seed)
 
 
 def document_plan(cfg: RunConfig, datasets: List[PreprocessedDataset]):
@@ -46,7 +55,7 @@ class TrainingData:
 
     def __init__(self, cfg: RunConfig, registry: LanguageRegistry, total_rows: Optional[int] = None):
         self.cfg = cfg
-        self.datasets = open_datasets(cfg)
+        self.datasets, self.held_out = training_datasets(cfg)
         tr = cfg.training
         num_rows = tr.train_steps * tr.global_batch_size if total_rows is None else total_rows
         segments = pack(document_plan(cfg, self.datasets), [ds.lengths for ds in self.datasets],
@@ -58,7 +67,9 @@ class TrainingData:
         data = self.cfg.data
         docs = sum(len(ds) for ds in self.datasets)
         used = len(set(zip(self.builder.segments.dataset.tolist(), self.builder.segments.doc.tolist())))
-        text = (f"data: {len(self.datasets)} dataset(s), {docs:,} documents; sampling {data.sampling}; "
+        held = sum(len(ds) for ds in self.held_out)
+        text = (f"data: {len(self.datasets)} dataset(s), {docs:,} documents"
+                + (f" ({held:,} more held out for validation)" if held else "") + f"; sampling {data.sampling}; "
                 f"{self.builder.num_rows:,} rows of {data.seq_length} tokens ({used:,} distinct documents), "
                 f"packing {data.packing} ({padding_share(self.builder):.0%} padding), attention {data.attention}")
         if data.sampling == "temperature":

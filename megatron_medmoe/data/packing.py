@@ -4,7 +4,8 @@
   not fit (but would fit an empty row) closes the row, whose tail becomes padding, and starts the next.
 - continuous (megatron-core's GPT datasets): documents are concatenated and cut at row boundaries, so a
   document may start in one row and end in the next; no padding.
-Either way a document longer than a row fills the current row and continues in the following ones.
+Either way a document longer than a row fills the current row and continues in the following ones. A
+finite plan (the validation documents, once) ends with its last row, however full, so fewer rows may come back.
 A row is a list of segments (dataset, document, start, length).
 """
 from __future__ import annotations
@@ -62,6 +63,9 @@ def pack(plan: Plan, lengths: Sequence[np.ndarray], seq_length: int, num_rows: i
                 fill = 0
         if len(row_ptr) > num_rows:
             break
+    else:  # a finite plan (validation's one pass) ran out: its last row ends with padding
+        if fill > 0:
+            row_ptr.append(len(seg_ds))
     row_ptr = row_ptr[: num_rows + 1]
     end = row_ptr[-1]
     as_array = lambda values: np.asarray(values[:end], dtype=np.int64)  # noqa: E731

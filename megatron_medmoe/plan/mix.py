@@ -20,12 +20,12 @@ class MixError(ValueError):
 def shares_from_data(cfg: RunConfig, registry: LanguageRegistry) -> List[float]:
     """Token share per expert of the documents training would draw first (one pass of the plan)."""
     from ..data.dataset import DatasetError
-    from ..data.loader import document_plan, open_datasets
+    from ..data.loader import document_plan, training_datasets
 
     if not cfg.data.datasets:
         raise MixError("the recipe lists no data.datasets: give the expected mix with --mix CODE=TOKENS ...")
     try:
-        datasets = open_datasets(cfg)
+        datasets, _ = training_datasets(cfg)
     except DatasetError as e:
         raise MixError(f"{e}: preprocess the data first, or give the expected mix with --mix CODE=TOKENS ...") from e
     families = [ds.family_ids(registry) for ds in datasets]

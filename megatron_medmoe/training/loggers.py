@@ -21,6 +21,12 @@ def _scalars(record: dict) -> Dict[str, float]:
     out = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}
     for family, loss in record.get("family_loss", {}).items():
         out[f"family_loss/{family}"] = loss
+    validation = record.get("validation", {})
+    for key in ("loss", "ppl"):
+        if key in validation:
+            out[f"validation/{key}"] = validation[key]
+    for family, loss in validation.get("family_loss", {}).items():
+        out[f"validation/family_loss/{family}"] = loss
     for layer, entry in record.get("moe_layers", {}).items():
         out[f"moe/layer{layer}/imbalance"] = entry["imbalance"]
         if "family_in_own_topk" in entry:

@@ -4,7 +4,8 @@ Where it starts: the latest checkpoint of checkpoint.save if there is one (resum
 optimizer, schedule, data position, random states), else checkpoint.load (everything, or with
 checkpoint.finetune the weights only), else fresh weights. Where it stops: after train_steps; after a
 non-finite loss or gradient (training.on_nonfinite=stop); or, saving first, when any rank got SIGTERM or
-SIGUSR1 or the wall-clock limit passed, all ranks at the same step (exit code EXIT_REQUEUE).
+SIGUSR1 or the wall-clock limit passed, all ranks at the same step (exit code EXIT_REQUEUE). Validation
+(training/validation.py) runs every training.eval_interval steps and after the last one.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 
 from ..config import RunConfig, config_to_dict
 from ..data.loader import TrainingData, batch_source
+from ..data.validation import ValidationData
 from ..languages import load_registry
 from ..model.gpt import build_model_chunks
 from ..runtime.device import gpu_code_path
@@ -34,6 +36,7 @@ from .metrics import TrainingMetrics
 from .optimizer import build_optimizer, build_scheduler, current_lr, step_if_finite
 from .signals import process_stop_request
 from .step import make_forward_step, sum_reports
+from .validation import Validator
 
 
 def wrap_ddp(chunks, cfg: RunConfig, on_gpu: bool):
@@ -133,7 +136,12 @@ def _train(cfg: RunConfig) -> int:
     forward_step = make_forward_step(registry.num_experts)
     forward_backward = get_forward_backward_func()
     tokens_per_step = tr.global_batch_size * data.seq_length
+    validation_data = ValidationData(cfg, registry, training_data.datasets, training_data.held_out)
+    validator = Validator(validation_data, model, models, forward_step, forward_backward, cfg,
+                          registry.num_experts) if validation_data else None
     say(training_data.describe())
+    if validator:
+        say(validation_data.describe())
     say(f"training steps {state.iteration + 1}-{tr.train_steps} on {dist.get_world_size()} ranks (TP "
         f"{cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, EP {cfg.parallel.expert}, DP {dp_size}); "
         f"{sum(p.numel() for m in models for p in m.parameters()):,} parameters on rank 0")
@@ -156,6 +164,13 @@ def _train(cfg: RunConfig) -> int:
         finally:
             for chunk in model:
                 chunk.enable_forward_pre_hook()
+
+    validated_at = None
+
+    def validate(step: int) -> None:
+        nonlocal validated_at
+        metrics.log_validation(step, validator.run())
+        validated_at = step
 
     stop = process_stop_request()  # installed when the rank started: it holds signals of the start-up too
     stop.set_wall_limit(tr.max_wall_minutes)
@@ -207,10 +222,14 @@ def _train(cfg: RunConfig) -> int:
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 save()
                 saved_at = step
+            if validator and tr.eval_interval and step % tr.eval_interval == 0:
+                validate(step)
         if saved_at != state.iteration:
             path = save()
             if path:
                 say(f"saved checkpoint {path}")
+        if validator and validated_at != state.iteration:  # the stage's final validation, after its final save
+            validate(state.iteration)
         return EXIT_OK
     finally:
         metrics.close()

@@ -4,6 +4,7 @@ how often the router's own top-k already held the family expert.
 
 Each rank adds up what it saw between log steps; one all-reduce over the job at each log step makes the
 totals (only the last pipeline stage has losses, only the ranks holding a MoE layer count its routing).
+A validation (training/validation.py) is a record of its own, `{"step": S, "validation": {...}}`.
 Rank 0 prints a console line, appends a JSON record to OUTPUT_DIR/metrics.jsonl and hands it to the
 TensorBoard and Weights & Biases writers. A run resumed from the checkpoint of step S first drops the records of
 steps after S (the crashed run's, which the resumed run logs again), so the file holds one record per step.
@@ -12,6 +13,7 @@ MoE layers are numbered 1..num_layers over the whole model, as megatron-core and
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -152,6 +154,28 @@ class TrainingMetrics:
         self._reset()
         if dist.get_rank() == 0:
             self._print(record)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            for writer in self.writers:
+                writer.write(record)
+        return record
+
+    def log_validation(self, step: int, result: dict) -> dict:
+        """Record a validation (training/validation.py's result, the same on every rank); its time is kept out of
+        the training throughput of the interval it falls in."""
+        self.started += result["seconds"]
+        loss = result["loss"]
+        record = {"step": step, "validation": {
+            "loss": loss, "ppl": math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("nan"),
+            "tokens": result["tokens"], "seconds": result["seconds"],
+            "family_loss": {self.registry.experts[i]: value for i, value in result["family_loss"].items()},
+            "family_tokens": {self.registry.experts[i]: value for i, value in result["family_tokens"].items()}}}
+        if dist.get_rank() == 0:
+            v = record["validation"]
+            print(f"validation at step {step:6d} | loss {v['loss']:.4f} | PPL {v['ppl']:.4g} | {v['tokens']:,} tokens "
+                  f"| {v['seconds']:.1f} s", flush=True)
+            print("    validation loss by family: "
+                  + " | ".join(f"{name} {value:.3f}" for name, value in v["family_loss"].items()), flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             for writer in self.writers:
