@@ -250,6 +250,28 @@ def test_overlapped_gradient_reduction_hides_all_but_the_last_bucket():
         assert hidden == pytest.approx(backward if gbps < 1 else grads * (1 - bucket / on_gpu))
 
 
+def test_overlapped_weight_gathering_hides_all_but_the_first_bucket():
+    from megatron_medmoe.plan.layouts import Machine, estimate
+
+    layout = ("training.global_batch_size=8", "parallel.expert=1", "moe.expert_slots=null", "training.precision=bf16",
+              "parallel.overlap_grad_reduce=true")
+    params = stage_params(small(*layout, world_size=2), 0, 7)
+    on_gpu = params.dense + params.experts
+    bucket = on_gpu // 4
+    grads_only = small(*layout, f"parallel.ddp_bucket_size={bucket}", world_size=2)
+    both = small(*layout, f"parallel.ddp_bucket_size={bucket}", "parallel.overlap_param_gather=true", world_size=2)
+    comm = step_comm(both, 0, 7)
+    assert comm.dp - comm.dp_grads == 0.5 * on_gpu * 2  # bf16 weights all-gathered over 2
+    for gbps in (1e-6, 1e6):
+        machine = Machine(1, 2, 80e9, nvlink_gbps=gbps)
+        before, after = (estimate(c, machine, 7, [1 / 7] * 7, {}) for c in (grads_only, both))
+        weights = 0.5 * on_gpu * 2 / (gbps * 1e9)
+        forward = before.compute_seconds / 2 / 3  # the first of 2 micro-batches
+        hidden = min(weights * (1 - bucket / on_gpu), forward)
+        assert before.comm_seconds["dp"] - after.comm_seconds["dp"] == pytest.approx(hidden, rel=1e-9)
+        assert after.step_seconds < before.step_seconds
+
+
 def test_attention_memory_is_planned_for_the_layers_the_machine_builds(monkeypatch):
     """model.transformer_impl=auto builds TransformerEngine layers (fused attention) only where TE imports on a
     GPU; a GPU without TE runs local layers, whose unfused attention keeps the s x s scores of every head."""

@@ -11,7 +11,10 @@ must pass the same validation as `medmoe train` (config/validate.py). For each, 
 - communication at NVLink bandwidth inside a node and the network's between nodes (ranks are ordered tensor,
   expert, data, pipeline, as megatron-core does), not overlapped with compute, except with
   parallel.overlap_grad_reduce the gradient reduction: it runs during the last micro-batch's backward pass
-  (2/3 of that micro-batch's compute), all but its last bucket (the first layers' gradients, ready last).
+  (2/3 of that micro-batch's compute), all but its last bucket (the first layers' gradients, ready last);
+  and with parallel.overlap_param_gather the all-gather of the updated weights: it runs during the next
+  step's first forward pass (1/3 of a micro-batch's compute), all but its first bucket (the first layers'
+  weights, needed first).
 """
 from __future__ import annotations
 
@@ -155,8 +158,11 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
         "dp": comm.dp / dp_bandwidth,
     }
     if par.overlap_grad_reduce:
-        seconds["dp"] -= _hidden_grad_seconds(cfg, stage, num_experts, comm.dp_grads / dp_bandwidth,
-                                              backward=compute / n_micro * 2 / 3)
+        seconds["dp"] -= _hidden_seconds(cfg, stage, num_experts, comm.dp_grads / dp_bandwidth,
+                                         behind=compute / n_micro * 2 / 3)
+    if par.overlap_param_gather:
+        seconds["dp"] -= _hidden_seconds(cfg, stage, num_experts, (comm.dp - comm.dp_grads) / dp_bandwidth,
+                                         behind=compute / n_micro / 3)
     step = compute * (1 + bubble) + sum(seconds.values())
     overrides = [f"parallel.tensor={t}", f"parallel.pipeline={p}"]
     if par.virtual_pipeline:
@@ -176,12 +182,12 @@ def estimate(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: 
                      memory.total <= usable, placement, overrides)
 
 
-def _hidden_grad_seconds(cfg: RunConfig, stage: int, num_experts: int, grads: float, backward: float) -> float:
-    """Of the `grads` seconds of gradient reduction, what overlap_grad_reduce hides behind the `backward`
-    seconds of the last micro-batch: all but the last bucket's share, at most the backward pass."""
+def _hidden_seconds(cfg: RunConfig, stage: int, num_experts: int, transfer: float, behind: float) -> float:
+    """Of `transfer` seconds of bucketed data-parallel communication, what runs hidden behind `behind` seconds of
+    compute: all but one bucket's share (the gradients' last bucket, the weights' first), at most `behind`."""
     params = stage_params(cfg, stage, num_experts)
-    last_bucket = grads * min(1.0, grad_bucket_size(cfg.parallel) / max(params.dense + params.experts, 1))
-    return grads - max(grads - backward, last_bucket)
+    one_bucket = transfer * min(1.0, grad_bucket_size(cfg.parallel) / max(params.dense + params.experts, 1))
+    return transfer - max(transfer - behind, one_bucket)
 
 
 def plan_layouts(cfg: RunConfig, machine: Machine, num_experts: int, family_shares: Sequence[float]) -> List[Candidate]:

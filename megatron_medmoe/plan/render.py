@@ -11,7 +11,8 @@ ASSUMPTIONS = ("memory: weights in the training precision, fp32 gradient buffer,
                "weights + Adam moments over the data-parallel group), activations of the micro-batches 1F1B holds, "
                "logits on the last stage; {reserve:.0f} GiB a GPU kept for CUDA, NCCL and the allocator. time: "
                "model FLOPs at {eff:.0%} of {peak:.0f} TFLOP/s (FP8 GEMMs twice that), communication not overlapped (but with "
-               "parallel.overlap_grad_reduce the gradient reduction, during the last micro-batch's backward pass), {nv:.0f} GB/s "
+               "parallel.overlap_grad_reduce the gradient reduction, during the last micro-batch's backward pass, and with "
+               "parallel.overlap_param_gather the weights' all-gather, during the first forward pass), {nv:.0f} GB/s "
                "per GPU in a node, {net:.0f} GB/s between nodes.")
 
 
