@@ -1,7 +1,7 @@
 """Validation during training: which documents are held out (and never trained on), the validation rows, the
 config rules, the records; and, in real `medmoe train` processes, that a run with validation trains bitwise as
-one without. (tests/test_layouts.py checks that the validation loss under TP 2, PP 2, EP 2 ... equals one
-process's.)"""
+one without (tests/test_layouts.py checks that the validation loss under TP 2, PP 2, EP 2 ... equals one
+process's); the multiple-choice dev-set accuracy during training equals `medmoe eval mcq`'s."""
 import numpy as np
 import pytest
 
@@ -132,3 +132,41 @@ def test_training_with_validation_is_bitwise_training_without(tmp_path):
     losses = [v["loss"] for _, v in validations]
     assert losses[-1] < losses[0] and set(validations[0][1]["family_loss"]) <= set(load_registry().experts)
     assert validations[0][1]["tokens"] == sum(validations[0][1]["family_tokens"].values()) > 0
+
+
+MCQ = [str(REPO / "examples" / "data" / "mcq" / f"{code}.jsonl") for code in ("en", "sw", "zh")]
+
+
+@pytest.mark.multiprocess
+def test_mcq_dev_accuracy_during_training_is_what_eval_mcq_finds(tmp_path):
+    """The dev-set accuracy after the last step (EP 2, and PP 2) equals `medmoe eval mcq --mode loglik` on the
+    checkpoint saved at that step, language by language, with the same shots (training.seed)."""
+    dev = [f"data.mcq_dev=[{','.join(MCQ)}]", "training.mcq_shots=1", "data.seq_length=512",
+           "training.train_steps=2", "checkpoint.load=null", "logging.log_interval=1"]
+    proc = run_medmoe(train_stage("sft", *dev, "training.mcq_eval_interval=1", f"checkpoint.save={tmp_path / 'ckpt'}",
+                                  f"logging.output_dir={tmp_path / 'ep2'}"))
+    assert "mcq dev: 30 questions from 3 file(s), 1 shots" in proc.stdout and "keep their end" not in proc.stdout
+    run_medmoe(train_stage("sft", *dev, "parallel.pipeline=2", "parallel.expert=1", "moe.expert_slots=null",
+                           "checkpoint.save=null", f"logging.output_dir={tmp_path / 'pp2'}"))
+    records = {name: [r for r in read_metrics(tmp_path / name, "sft") if "mcq_dev" in r] for name in ("ep2", "pp2")}
+    assert [r["step"] for r in records["ep2"]] == [1, 2] and [r["step"] for r in records["pp2"]] == [2]
+    last = records["ep2"][-1]["mcq_dev"]
+    assert last["questions"] == 30 and last["truncated"] == 0
+    assert records["pp2"][0]["mcq_dev"]["per_language"] == last["per_language"]
+    run_medmoe(["eval", "mcq", "--ckpt", str(tmp_path / "ckpt" / "sft"), "--data", *MCQ, "--mode", "loglik",
+                "--shots", "1", "--seed", str(tiny_config("sft").training.seed), "--output", str(tmp_path / "eval")])
+    import json
+
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert {code: s["accuracy"] for code, s in scores["per_language"].items()} == pytest.approx(last["per_language"])
+    assert scores["major_average"] == pytest.approx(last["major_average"])
+
+
+def test_mcq_dev_config_rules():
+    bad = tiny_config("sft")
+    bad.training.mcq_eval_interval = 2
+    with pytest.raises(ConfigError, match="training.mcq_eval_interval: there are no dev questions"):
+        resolve_config(bad)
+    bad.data.mcq_dev = ["examples/data/mcq/none.jsonl"]
+    with pytest.raises(ConfigError, match=r"data.mcq_dev\[0\]: no such question file"):
+        resolve_config(bad)

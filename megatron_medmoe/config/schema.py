@@ -112,6 +112,10 @@ class TrainingConfig:
     # global batches of validation rows per validation (Megatron-LM --eval-iters); the same rows every time, fewer
     # when the validation documents fill fewer
     eval_iters: int = 10
+    # multiple-choice dev-set accuracy (data.mcq_dev) every N steps, and after the last step when data.mcq_dev is
+    # set; scored by answer-letter likelihood as `medmoe eval mcq --mode loglik` does; null: only after the last step
+    mcq_eval_interval: Optional[int] = None
+    mcq_shots: int = 3  # few-shot examples from the same source in each dev prompt (seeded by training.seed)
 
 
 @dataclass
@@ -133,6 +137,8 @@ class DataConfig:
     # this fraction of each training dataset's documents (chosen by training.seed) is held out for validation and
     # never trained on; 0 = none (Megatron-LM --split)
     validation_fraction: float = 0.0
+    # multiple-choice question files (the formats `medmoe eval mcq` reads) for a dev-set accuracy during training
+    mcq_dev: List[str] = field(default_factory=list)
     # weighted: by data.datasets[].weight; apollo: ApolloMoE's priority recipe; temperature: p(language) ~ tokens^alpha
     sampling: Literal["weighted", "apollo", "temperature"] = "weighted"
     temperature_alpha: float = 0.3  # for sampling: temperature

@@ -265,6 +265,18 @@ def resolve_config(cfg: RunConfig, world_size: Optional[int] = None, check_files
         need(has_validation, "training.eval_interval: there is no validation data: list held-out datasets in "
                              "data.validation or hold out a share of the training data with data.validation_fraction")
     need(tr.eval_iters >= 1, f"training.eval_iters must be at least 1, got {tr.eval_iters}")
+    if tr.mcq_eval_interval is not None:
+        need(tr.mcq_eval_interval >= 1, f"training.mcq_eval_interval must be at least 1 (or null), got "
+                                        f"{tr.mcq_eval_interval}")
+        need(bool(data.mcq_dev), "training.mcq_eval_interval: there are no dev questions: list question files in "
+                                 "data.mcq_dev")
+    need(tr.mcq_shots >= 0, f"training.mcq_shots must be 0 or more, got {tr.mcq_shots}")
+    if check_files:
+        for i, path in enumerate(data.mcq_dev):
+            need(os.path.isfile(path), f"data.mcq_dev[{i}]: no such question file {path!r}")
+    if data.mcq_dev and tr.objective == "lens":
+        problems.append("data.mcq_dev: the dev-set accuracy is measured by language-model training "
+                        "(training.objective=lm)")
     if has_validation and tr.objective == "lens":
         problems.append("data.validation / data.validation_fraction: validation loss is measured by language-model "
                         "training (training.objective=lm); Lens reports its own losses")

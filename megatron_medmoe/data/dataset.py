@@ -25,13 +25,25 @@ class PreprocessedDataset:
     lang_index: np.ndarray  # per document: index into summary["languages"]
     source_index: np.ndarray  # per document: index into summary["sources"]
 
-    @classmethod
-    def open(cls, prefix: str) -> "PreprocessedDataset":
+    @staticmethod
+    def summary_of(prefix: str) -> dict:
+        """The summary PREFIX.json `medmoe preprocess` wrote last; DatasetError when it is missing or unreadable."""
         summary_path = prefix + ".json"
         if not os.path.isfile(summary_path):
             raise DatasetError(f"{summary_path} not found: {prefix!r} is not a complete `medmoe preprocess` output")
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
+        try:
+            with open(summary_path, encoding="utf-8") as f:
+                summary = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{summary_path} cannot be read as a `medmoe preprocess` summary ({e}): preprocess "
+                               "the dataset again") from None
+        if not isinstance(summary, dict):
+            raise DatasetError(f"{summary_path} is not a `medmoe preprocess` summary: preprocess the dataset again")
+        return summary
+
+    @classmethod
+    def open(cls, prefix: str) -> "PreprocessedDataset":
+        summary = cls.summary_of(prefix)
         needed = [prefix + ext for ext in (".bin", ".idx", ".lang.npy", ".source.npy")]
         if summary.get("format") == "chat":
             needed += [prefix + ".loss_mask.bin", prefix + ".loss_mask.idx"]

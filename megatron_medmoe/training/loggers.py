@@ -27,6 +27,12 @@ def _scalars(record: dict) -> Dict[str, float]:
             out[f"validation/{key}"] = validation[key]
     for family, loss in validation.get("family_loss", {}).items():
         out[f"validation/family_loss/{family}"] = loss
+    dev = record.get("mcq_dev", {})
+    for key in ("accuracy", "major_average", "minor_average"):
+        if dev.get(key) is not None:
+            out[f"mcq_dev/{key}"] = dev[key]
+    for code, accuracy in dev.get("per_language", {}).items():
+        out[f"mcq_dev/language/{code}"] = accuracy
     for layer, entry in record.get("moe_layers", {}).items():
         out[f"moe/layer{layer}/imbalance"] = entry["imbalance"]
         if "family_in_own_topk" in entry:

@@ -5,7 +5,8 @@ optimizer, schedule, data position, random states), else checkpoint.load (everyt
 checkpoint.finetune the weights only), else fresh weights. Where it stops: after train_steps; after a
 non-finite loss or gradient (training.on_nonfinite=stop); or, saving first, when any rank got SIGTERM or
 SIGUSR1 or the wall-clock limit passed, all ranks at the same step (exit code EXIT_REQUEUE). Validation
-(training/validation.py) runs every training.eval_interval steps and after the last one.
+(training/validation.py) and the dev-set accuracy (training/mcq_dev.py) run every training.eval_interval /
+mcq_eval_interval steps and after the last one.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .metrics import TrainingMetrics
 from .optimizer import build_optimizer, build_scheduler, current_lr, step_if_finite
 from .signals import process_stop_request
 from .step import make_forward_step, sum_reports
+from .mcq_dev import open_mcq_dev
 from .validation import Validator
 
 
@@ -142,6 +144,9 @@ def _train(cfg: RunConfig) -> int:
     say(training_data.describe())
     if validator:
         say(validation_data.describe())
+    dev = open_mcq_dev(cfg, registry, model, models, forward_backward)
+    if dev:
+        say(dev.describe())
     say(f"training steps {state.iteration + 1}-{tr.train_steps} on {dist.get_world_size()} ranks (TP "
         f"{cfg.parallel.tensor}, PP {cfg.parallel.pipeline}, EP {cfg.parallel.expert}, DP {dp_size}); "
         f"{sum(p.numel() for m in models for p in m.parameters()):,} parameters on rank 0")
@@ -165,12 +170,16 @@ def _train(cfg: RunConfig) -> int:
             for chunk in model:
                 chunk.enable_forward_pre_hook()
 
-    validated_at = None
+    evaluated_at = {}  # "validation" / "mcq_dev" -> the step it last ran after
 
-    def validate(step: int) -> None:
-        nonlocal validated_at
-        metrics.log_validation(step, validator.run())
-        validated_at = step
+    def evaluate(step: int, final: bool = False) -> None:
+        """Validation and the dev-set accuracy when due after `step`: at their intervals, and after the last step."""
+        for name, evaluator, interval, log in (("validation", validator, tr.eval_interval, metrics.log_validation),
+                                               ("mcq_dev", dev, tr.mcq_eval_interval, metrics.log_mcq_dev)):
+            due = final or (interval is not None and step % interval == 0)
+            if evaluator and due and evaluated_at.get(name) != step:
+                log(step, evaluator.run())
+                evaluated_at[name] = step
 
     stop = process_stop_request()  # installed when the rank started: it holds signals of the start-up too
     stop.set_wall_limit(tr.max_wall_minutes)
@@ -222,14 +231,12 @@ def _train(cfg: RunConfig) -> int:
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 save()
                 saved_at = step
-            if validator and tr.eval_interval and step % tr.eval_interval == 0:
-                validate(step)
+            evaluate(step)
         if saved_at != state.iteration:
             path = save()
             if path:
                 say(f"saved checkpoint {path}")
-        if validator and validated_at != state.iteration:  # the stage's final validation, after its final save
-            validate(state.iteration)
+        evaluate(state.iteration, final=True)  # after the final save
         return EXIT_OK
     finally:
         metrics.close()

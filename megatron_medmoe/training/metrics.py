@@ -4,7 +4,8 @@ how often the router's own top-k already held the family expert.
 
 Each rank adds up what it saw between log steps; one all-reduce over the job at each log step makes the
 totals (only the last pipeline stage has losses, only the ranks holding a MoE layer count its routing).
-A validation (training/validation.py) is a record of its own, `{"step": S, "validation": {...}}`.
+A validation (training/validation.py) is a record of its own, `{"step": S, "validation": {...}}`, and so is a
+dev-set accuracy (training/mcq_dev.py), `{"step": S, "mcq_dev": {...}}`.
 Rank 0 prints a console line, appends a JSON record to OUTPUT_DIR/metrics.jsonl and hands it to the
 TensorBoard and Weights & Biases writers. A run resumed from the checkpoint of step S first drops the records of
 steps after S (the crashed run's, which the resumed run logs again), so the file holds one record per step.
@@ -176,6 +177,26 @@ class TrainingMetrics:
                   f"| {v['seconds']:.1f} s", flush=True)
             print("    validation loss by family: "
                   + " | ".join(f"{name} {value:.3f}" for name, value in v["family_loss"].items()), flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            for writer in self.writers:
+                writer.write(record)
+        return record
+
+    def log_mcq_dev(self, step: int, result: dict) -> dict:
+        """Record a dev-set accuracy (training/mcq_dev.py's result, the same on every rank), its time kept out of
+        the training throughput."""
+        self.started += result["seconds"]
+        record = {"step": step, "mcq_dev": result}
+        if dist.get_rank() == 0:
+            averages = " | ".join(f"{tier} {result[f'{tier}_average']:.1%}" for tier in ("major", "minor")
+                                  if result[f"{tier}_average"] is not None)
+            print(f"mcq dev at step {step:6d} | accuracy {result['accuracy']:.1%} of {result['questions']} questions"
+                  + (f" | {averages}" if averages else "")
+                  + (f" | {result['truncated']} prompts cut to data.seq_length" if result["truncated"] else "")
+                  + f" | {result['seconds']:.1f} s", flush=True)
+            print("    mcq dev accuracy by language: "
+                  + " | ".join(f"{code} {value:.1%}" for code, value in result["per_language"].items()), flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             for writer in self.writers:

@@ -177,6 +177,7 @@ def _train_here(stage: Stage, env: DistEnv) -> int:
     import_megatron_core_deferring_compile()
     from ..analysis.lens import LensDataError, run_lens
     from ..data.tokenizer import TokenizerError
+    from ..evaluation.questions import QuestionFileError
     from ..languages import LanguageTableError
     from .checkpoint import CheckpointError
     from .loop import train  # heavy imports (megatron-core) only in ranks
@@ -185,7 +186,7 @@ def _train_here(stage: Stage, env: DistEnv) -> int:
         if stage.config.training.objective == "lens":
             return run_lens(stage.config, env)
         return train(stage.config, env)
-    except (DatasetError, CheckpointError, LensDataError, TokenizerError, LanguageTableError) as e:  # bad input: say what and where, no traceback
+    except (DatasetError, CheckpointError, LensDataError, TokenizerError, LanguageTableError, QuestionFileError) as e:  # bad input: say what and where, no traceback
         sys.stderr.write(f"medmoe train [rank {env.rank}]: {e}\n")  # one write: ranks share the terminal
         sys.stderr.flush()
         return EXIT_INPUT

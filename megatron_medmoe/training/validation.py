@@ -9,6 +9,7 @@ kept out of the training throughput. So a run with validation trains exactly (bi
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import List
 
@@ -23,61 +24,74 @@ from ..runtime.distributed import collective_device
 from .step import sum_reports
 
 
+@contextlib.contextmanager
+def evaluating(model: List, models: List, gathers_params: bool):
+    """The DDP-wrapped chunks in eval mode with the weights gathered (parallel.overlap_param_gather: they lag the
+    optimizer until a forward pre-hook gathers them), the routers' training statistics set aside; all restored."""
+    routers = [m for c in models for m in c.modules() if isinstance(m, FamilyRouter)]
+    kept = [router.stats for router in routers]
+    for router in routers:
+        router.stats = RoutingStats(router.num_experts)
+    for chunk in model:
+        chunk.eval()
+        if gathers_params:
+            chunk.disable_forward_pre_hook()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for chunk in model:
+            if gathers_params:
+                chunk.enable_forward_pre_hook()
+            chunk.train()
+        for router, stats in zip(routers, kept):
+            router.stats = stats
+
+
+def forward_only(model: List, forward_step, forward_backward, batch: List, cfg) -> List[dict]:
+    """megatron-core's schedule, forward-only, over one global batch's micro-batches of this rank: the reports of
+    the last pipeline stage (nothing elsewhere)."""
+    iterators = [iter(batch) for _ in model] if len(model) > 1 else iter(batch)
+    return forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
+                            num_microbatches=len(batch), seq_length=cfg.data.seq_length,
+                            micro_batch_size=cfg.training.micro_batch_size, forward_only=True) or []
+
+
+def sum_over_job(values: torch.Tensor) -> torch.Tensor:
+    """Collective: the sum over the job of what the last stages hold, each tensor-parallel group counted once (its
+    ranks hold the same losses)."""
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        values = torch.zeros_like(values)
+    values = values.to(collective_device())
+    dist.all_reduce(values)
+    return values.cpu()
+
+
 class Validator:
     def __init__(self, data: ValidationData, model: List, models: List, forward_step, forward_backward, cfg,
                  num_families: int):
         """model: the DDP-wrapped chunks the schedule runs; models: the bare chunks (for their routers)."""
-        self.data, self.model, self.cfg, self.num_families = data, model, cfg, num_families
+        self.data, self.model, self.models, self.cfg, self.num_families = data, model, models, cfg, num_families
         self.forward_step, self.forward_backward = forward_step, forward_backward
-        self.routers = [m for c in models for m in c.modules() if isinstance(m, FamilyRouter)]
-        self.gathers_params = cfg.parallel.overlap_param_gather
 
     def run(self) -> dict:
         """Collective. {"loss", "family_loss": {index: loss}, "tokens", "family_tokens", "seconds"} over the job."""
         started = time.perf_counter()
-        kept = [router.stats for router in self.routers]
-        for router in self.routers:
-            router.stats = RoutingStats(router.num_experts)
-        for chunk in self.model:
-            chunk.eval()
-            if self.gathers_params:  # the weights lag the optimizer until a forward pre-hook gathers them: now
-                chunk.disable_forward_pre_hook()
-        try:
-            totals = self._forward_all()
-        finally:
-            for chunk in self.model:
-                if self.gathers_params:
-                    chunk.enable_forward_pre_hook()
-                chunk.train()
-            for router, stats in zip(self.routers, kept):
-                router.stats = stats
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        totals = torch.zeros(2 + 2 * self.num_families, dtype=torch.float64)
+        with evaluating(self.model, self.models, self.cfg.parallel.overlap_param_gather):
+            for iteration in range(self.data.iterations):
+                reports = forward_only(self.model, self.forward_step, self.forward_backward,
+                                       self.data.micro_batches(iteration, dp_rank, dp_size), self.cfg)
+                if reports:
+                    summed = sum_reports(reports)
+                    totals += torch.cat([summed["lm loss"].double().cpu(),
+                                         summed["family loss"].double().cpu().reshape(-1)])
+        totals = sum_over_job(totals)
         lm, family = totals[:2], totals[2:].reshape(2, self.num_families)
         return {"loss": float(lm[0] / lm[1]) if lm[1] > 0 else float("nan"), "tokens": int(lm[1]),
                 "family_loss": {i: float(family[0, i] / family[1, i]) for i in range(self.num_families)
                                 if family[1, i] > 0},
                 "family_tokens": {i: int(family[1, i]) for i in range(self.num_families) if family[1, i] > 0},
                 "seconds": time.perf_counter() - started}
-
-    def _forward_all(self) -> torch.Tensor:
-        tr = self.cfg.training
-        dp_rank = parallel_state.get_data_parallel_rank()
-        dp_size = parallel_state.get_data_parallel_world_size()
-        totals = torch.zeros(2 + 2 * self.num_families, dtype=torch.float64)
-        with torch.no_grad():
-            for iteration in range(self.data.iterations):
-                batch = self.data.micro_batches(iteration, dp_rank, dp_size)
-                iterators = [iter(batch) for _ in self.model] if len(self.model) > 1 else iter(batch)
-                reports = self.forward_backward(forward_step_func=self.forward_step, data_iterator=iterators,
-                                                model=self.model, num_microbatches=len(batch),
-                                                seq_length=self.cfg.data.seq_length,
-                                                micro_batch_size=tr.micro_batch_size, forward_only=True)
-                if reports:
-                    summed = sum_reports(reports)
-                    totals += torch.cat([summed["lm loss"].double().cpu(),
-                                         summed["family loss"].double().cpu().reshape(-1)])
-        # each tensor-parallel rank of a last stage holds the same losses: count one of them
-        if parallel_state.get_tensor_model_parallel_rank() != 0:
-            totals.zero_()
-        totals = totals.to(collective_device())
-        dist.all_reduce(totals)
-        return totals.cpu()
