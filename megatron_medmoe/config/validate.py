@@ -6,7 +6,6 @@ ConfigError listing every broken rule with the field that breaks it and what to 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from typing import List, Optional
@@ -313,14 +312,10 @@ def _listed(items: List[str], last: str) -> str:
 def _summary_vocab_size(prefix: str) -> int:
     """The vocabulary of the tokenizer a dataset was preprocessed with, from its summary PREFIX.json; ValueError
     naming the file when the summary does not say."""
+    from ..data.dataset import PreprocessedDataset
+
     path = prefix + ".json"
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read as a `medmoe preprocess` summary ({e}): preprocess the dataset "
-                         "again") from e
-    vocab = summary.get("vocab_size") if isinstance(summary, dict) else None
+    vocab = PreprocessedDataset.summary_of(prefix).get("vocab_size")
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
         raise ValueError(f"{path} records no vocab_size (a positive integer): it is not a `medmoe preprocess` "
                          "summary; preprocess the dataset again")

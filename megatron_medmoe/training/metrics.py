@@ -155,10 +155,7 @@ class TrainingMetrics:
         self._reset()
         if dist.get_rank() == 0:
             self._print(record)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            for writer in self.writers:
-                writer.write(record)
+            self._emit(record)
         return record
 
     def log_validation(self, step: int, result: dict) -> dict:
@@ -177,10 +174,7 @@ class TrainingMetrics:
                   f"| {v['seconds']:.1f} s", flush=True)
             print("    validation loss by family: "
                   + " | ".join(f"{name} {value:.3f}" for name, value in v["family_loss"].items()), flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            for writer in self.writers:
-                writer.write(record)
+            self._emit(record)
         return record
 
     def log_mcq_dev(self, step: int, result: dict) -> dict:
@@ -197,11 +191,15 @@ class TrainingMetrics:
                   + f" | {result['seconds']:.1f} s", flush=True)
             print("    mcq dev accuracy by language: "
                   + " | ".join(f"{code} {value:.1%}" for code, value in result["per_language"].items()), flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            for writer in self.writers:
-                writer.write(record)
+            self._emit(record)
         return record
+
+    def _emit(self, record: dict) -> None:
+        """Rank 0: append the record to metrics.jsonl and hand it to the TensorBoard / W&B writers."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for writer in self.writers:
+            writer.write(record)
 
     def close(self) -> None:
         for writer in self.writers:
