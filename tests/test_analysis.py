@@ -247,7 +247,8 @@ def test_mcq_generation_matches_transformers(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from megatron_medmoe.evaluation.answers import extract_answer
-    from megatron_medmoe.evaluation.questions import build_prompt, choose_shots, read_questions
+    from megatron_medmoe.evaluation.prompts import build_prompt, choose_shots
+    from megatron_medmoe.evaluation.questions import read_questions
 
     files = sorted(str(p) for p in (REPO / "examples" / "data" / "mcq").glob("*.jsonl"))
     run_medmoe(["convert", "mcore-to-hf", "--ckpt", str(trained), "--out", str(tmp_path / "hf"), "--format", "qwen2_moe",

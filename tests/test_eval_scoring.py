@@ -7,9 +7,9 @@ import pytest
 
 from conftest import REPO
 from megatron_medmoe.evaluation.answers import extract_answer
-from megatron_medmoe.evaluation.questions import (Question, QuestionFileError, answer_text, build_loglik_prompt,
-                                                  build_prompt, choose_shots, format_question,
-                                                  option_continuation, read_questions)
+from megatron_medmoe.evaluation.prompts import (answer_text, build_loglik_prompt, build_prompt, choose_shots,
+                                                format_question, option_continuation)
+from megatron_medmoe.evaluation.questions import Question, QuestionFileError, read_questions
 from megatron_medmoe.evaluation.scoring import score
 from megatron_medmoe.languages import LanguageTableError
 
@@ -99,7 +99,7 @@ def test_language_codes_are_the_tables_whatever_their_case_or_region(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "invalid JSON"),
-    ("[1, 2]", "expected a JSON object, got list"),
+    ("[1, 2]", "expected a JSON object, got array"),
     ({**GOOD, "question": "  "}, 'missing or empty "question"'),
     ({k: v for k, v in GOOD.items() if k != "question"}, 'missing or empty "question"'),
     ({**GOOD, "options": ["only"]}, "at least 2"),
@@ -164,6 +164,17 @@ def test_build_prompt_exact_format():
     assert build_loglik_prompt(q, [shot]) + option_continuation("B") == expected + answer_text("B")
     with pytest.raises(ValueError, match="own few-shot"):
         build_prompt(q, [shot, q])
+
+
+def test_released_fields_in_jsonl_and_our_prompt_with_a_context(tmp_path):
+    """The release's shape (options string, "(B)" answer, context, class) read from JSONL too; our prompt puts the
+    context on a line before the question and letters the options our way."""
+    path = write(tmp_path, [{"question": "Does walking help?", "context": "Adults walked daily.",
+                             "options": "(A) Yes.\n(B) No.\n(C) Maybe.", "answer": "(A)", "source": "pubmedqa",
+                             "class": "major"}])
+    (q,) = read_questions([path])
+    assert (q.qid, q.lang, q.tier, q.answer, q.letters) == ("pubmedqa:1", "en", "major", "A", "ABC")
+    assert format_question(q) == "Adults walked daily.\nDoes walking help?\nA. Yes.\nB. No.\nC. Maybe."
 
 
 def test_scores_by_hand():

@@ -139,17 +139,20 @@ MCQ = [str(REPO / "examples" / "data" / "mcq" / f"{code}.jsonl") for code in ("e
 
 @pytest.mark.multiprocess
 def test_mcq_dev_accuracy_during_training_is_what_eval_mcq_finds(tmp_path):
-    """The dev-set accuracy after the last step (EP 2, and PP 2) equals `medmoe eval mcq --mode loglik` on the
-    checkpoint saved at that step, language by language, with the same shots (training.seed)."""
-    dev = [f"data.mcq_dev=[{','.join(MCQ)}]", "training.mcq_shots=1", "data.seq_length=512",
-           "training.train_steps=2", "checkpoint.load=null", "logging.log_interval=1"]
-    proc = run_medmoe(train_stage("sft", *dev, "training.mcq_eval_interval=1", f"checkpoint.save={tmp_path / 'ckpt'}",
+    """The dev-set accuracy after the last step (EP 2) equals `medmoe eval mcq --mode loglik` on the checkpoint saved
+    at that step, language by language, with the same shots (training.seed); and PP 2, from those weights (loaded,
+    learning rate 0 so a step keeps them), finds the same."""
+    dev = [f"data.mcq_dev=[{','.join(MCQ)}]", "training.mcq_shots=1", "data.seq_length=512", "logging.log_interval=1"]
+    proc = run_medmoe(train_stage("sft", *dev, "training.train_steps=2", "checkpoint.load=null",
+                                  "training.mcq_eval_interval=1", f"checkpoint.save={tmp_path / 'ckpt'}",
                                   f"logging.output_dir={tmp_path / 'ep2'}"))
     assert "mcq dev: 30 questions from 3 file(s), 1 shots" in proc.stdout and "keep their end" not in proc.stdout
-    run_medmoe(train_stage("sft", *dev, "parallel.pipeline=2", "parallel.expert=1", "moe.expert_slots=null",
-                           "checkpoint.save=null", f"logging.output_dir={tmp_path / 'pp2'}"))
+    run_medmoe(train_stage("sft", *dev, "training.train_steps=1", f"checkpoint.load={tmp_path / 'ckpt' / 'sft'}",
+                           "checkpoint.finetune=true", "training.lr=0", "training.min_lr=0", "parallel.pipeline=2",
+                           "parallel.expert=1", "moe.expert_slots=null", "checkpoint.save=null",
+                           f"logging.output_dir={tmp_path / 'pp2'}"))
     records = {name: [r for r in read_metrics(tmp_path / name, "sft") if "mcq_dev" in r] for name in ("ep2", "pp2")}
-    assert [r["step"] for r in records["ep2"]] == [1, 2] and [r["step"] for r in records["pp2"]] == [2]
+    assert [r["step"] for r in records["ep2"]] == [1, 2] and [r["step"] for r in records["pp2"]] == [1]
     last = records["ep2"][-1]["mcq_dev"]
     assert last["questions"] == 30 and last["truncated"] == 0
     assert records["pp2"][0]["mcq_dev"]["per_language"] == last["per_language"]

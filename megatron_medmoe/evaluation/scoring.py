@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from statistics import mean
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence
 
 from ..languages import load_registry
-from .questions import Question
+
+
+class Scored(Protocol):
+    """What scoring needs of a question or a prompt: questions.Question and protocol.McqPrompt both have it."""
+    qid: str
+    source: str
+    lang: str
+    answer: str
 
 
 @dataclass(frozen=True)
@@ -35,12 +42,8 @@ class LanguageScore:
     accuracy: float
 
 
-@dataclass(frozen=True)
-class Scores:
-    per_source: Dict[str, SourceScore]
-    per_language: Dict[str, LanguageScore]  # major languages first, each tier in language-table order
-    major_average: Optional[float]  # None: no major language present
-    minor_average: Optional[float]  # None: no minor language present
+class SourceTotals:
+    """Questions, correct and unanswered summed over `per_source` (both protocols' scores)."""
 
     @property
     def questions(self) -> int:
@@ -53,6 +56,14 @@ class Scores:
     @property
     def unanswered(self) -> int:
         return sum(s.unanswered for s in self.per_source.values())
+
+
+@dataclass(frozen=True)
+class Scores(SourceTotals):
+    per_source: Dict[str, SourceScore]
+    per_language: Dict[str, LanguageScore]  # major languages first, each tier in language-table order
+    major_average: Optional[float]  # None: no major language present
+    minor_average: Optional[float]  # None: no minor language present
 
     def to_dict(self) -> dict:
         return {
@@ -90,7 +101,7 @@ class Scores:
         return "\n".join(out)
 
 
-def score(questions: Sequence[Question], predictions: Mapping[str, Optional[str]],
+def score(questions: Sequence[Scored], predictions: Mapping[str, Optional[str]],
           language_table: str = "families") -> Scores:
     """Score the predicted letters (by question id; None: no letter found) against the answers."""
     qids = {q.qid for q in questions}

@@ -15,8 +15,9 @@ from .loaded import LoadedModel
 
 @torch.no_grad()
 def greedy_generate(loaded: LoadedModel, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                    family_id: Optional[int] = None) -> List[int]:
-    """The greedily generated token ids after `prompt` (a stop token ends it and is not returned)."""
+                    family_id: Optional[int] = None, min_new_tokens: int = 0) -> List[int]:
+    """The greedily generated token ids after `prompt` (a stop token ends it and is not returned). The first
+    `min_new_tokens` tokens are never stop tokens, as with transformers' min_new_tokens (their logits masked)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     limit = loaded.cfg.model.max_position_embeddings
@@ -30,7 +31,11 @@ def greedy_generate(loaded: LoadedModel, prompt: Sequence[int], max_new_tokens: 
     for _ in range(max_new_tokens):
         logits = loaded.logits(tokens, family, inference_context=context)
         context.sequence_len_offset += tokens.shape[1]
-        token = int(logits[0, -1].argmax())
+        last = logits[0, -1]
+        if len(out) < min_new_tokens and stop_ids:
+            last = last.clone()
+            last[list(stop_ids)] = float("-inf")
+        token = int(last.argmax())
         if token in stop_ids:
             break
         out.append(token)
