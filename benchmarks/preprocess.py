@@ -9,8 +9,11 @@ On a generated multilingual corpus (the bundled medical text recombined, every f
   from the checkout given by --megatron-lm (tag core_v0.16.1 was measured), with 1 and 2 workers; skipped,
   saying so, without one. Its imports need triton, which CPU machines lack: it is installed for the tool
   alone (pip --target under the cache, on the tool's PYTHONPATH), never into this environment;
-- medmoe preprocess, end to end (read, parse, tokenize, write .bin/.idx/.lang/.source/.json/.png), with 1
-  and 2 workers, and its peak memory (the whole process tree) on half and on the full corpus.
+- medmoe preprocess, end to end (read, parse, tokenize, write .bin/.idx/.lang/.source/.class/.json/.png), with
+  1 and 2 workers, and its peak memory (the whole process tree) on half and on the full corpus;
+- the same records as one JSON array (the ApolloMoE release's format, streamed), with 1 and 2 workers: its
+  tokens/s against the JSONL run of the same round (target: within 10%), its output byte for byte against
+  the JSONL run's, and its peak memory on a quarter and on the full corpus (1x and 4x: flat in file size).
 Both tools are timed as a user runs them, start-up included (their fixed cost on a one-document corpus is
 printed too), and Megatron-LM's .bin/.idx must equal medmoe's byte for byte (checked on the first round).
 The machine's speed drifts between runs (shared hosts), so every round runs the limit and then each tool,
@@ -79,6 +82,22 @@ def corpus(cache: str, size_mb: int) -> str:
             lang = rng.choice(langs)
             text = ". ".join(rng.choice(sentences[lang]) for _ in range(rng.randint(2, 40))) + "."
             out.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def json_array(cache: str, size_mb: int) -> str:
+    """The JSONL corpus's records, the same bytes each, as one JSON array (one item a line, as json.dump with an
+    indent writes the release's file, minus the indent)."""
+    path = os.path.join(cache, f"corpus_{size_mb}mb.json")
+    if os.path.isfile(path):
+        return path
+    tmp = path + ".partial"
+    with open(corpus(cache, size_mb), "rb") as src, open(tmp, "wb") as out:
+        out.write(b"[\n")
+        for i, line in enumerate(src):
+            out.write((b",\n" if i else b"") + line.rstrip(b"\n"))
+        out.write(b"\n]\n")
     os.replace(tmp, path)
     return path
 
@@ -211,14 +230,19 @@ def main():
     args = parser.parse_args()
     tok = qwen2_tokenizer(args.cache)
     full, half = corpus(args.cache, args.size_mb), corpus(args.cache, args.size_mb // 2)
+    full_array, quarter_array = json_array(args.cache, args.size_mb), json_array(args.cache, args.size_mb // 4)
     megatron = MegatronLM(args.megatron_lm, args.cache) if args.megatron_lm else None
     print(f"Corpus: {os.path.getsize(full) / 1e6:.0f} MB ({sum(1 for _ in open(full)):,} documents), Qwen2 tokenizer "
           f"(151,936 tokens), {os.cpu_count()} cores", flush=True)
     if megatron is None:
         print("Megatron-LM baseline skipped: give --megatron-lm DIR, a checkout of NVIDIA/Megatron-LM "
               "(tag core_v0.16.1)", flush=True)
-    methods = [("medmoe", w) for w in args.workers] + ([("megatron", w) for w in args.workers] if megatron else [])
+    pairs = [(("medmoe", w), ("medmoe-json", w)) for w in args.workers]  # JSONL and JSON array, the same records
+    baseline = [("megatron", w) for w in args.workers] if megatron else []
+    methods = [m for pair in pairs for m in pair] + baseline
     rounds = {"limit": [], **{m: [] for m in methods}}
+    array_over_lines = {w: [] for w in args.workers}  # JSON array tokens/s over JSONL's, same round and workers
+    array_over_lines_cpu = {w: [] for w in args.workers}  # the same by CPU time per token
     cpu_rounds = {m: [] for m in methods}  # the limit's CPU time per token over the method's, per round
     peaks = {m: 0.0 for m in methods}
     identical = {}
@@ -233,10 +257,12 @@ def main():
         for r in range(args.rounds):
             top, tokens, top_cpu = limit(tok, full)
             rounds["limit"].append(top)
-            for tool, workers in methods:
+            # each JSON array run next to the JSONL run it is compared with, first in every other round, so that
+            # neither the machine's drift nor the order favours one
+            for tool, workers in [m for pair in pairs for m in (pair if r % 2 == 0 else pair[::-1])] + baseline:
                 prefix = os.path.join(work, f"{tool}{workers}")
-                run = ours if tool == "medmoe" else megatron.run
-                rate, peak, _, cpu = run(tok, full, workers, prefix)
+                run = megatron.run if tool == "megatron" else ours
+                rate, peak, _, cpu = run(tok, full_array if tool == "medmoe-json" else full, workers, prefix)
                 rounds[(tool, workers)].append(rate / top)
                 cpu_rounds[(tool, workers)].append(top_cpu / cpu)
                 peaks[(tool, workers)] = max(peaks[(tool, workers)], peak)
@@ -249,14 +275,19 @@ def main():
                 if r > 0 or prefix != reference:  # the reference stays for the first round's comparisons
                     for leftover in glob.glob(prefix + "*"):
                         os.remove(leftover)
-        names = {"medmoe": "medmoe preprocess, end to end", "megatron": "Megatron-LM tools/preprocess_data.py"}
-        short = {"medmoe": "medmoe preprocess", "megatron": "Megatron-LM"}
+            for lines, array in pairs:
+                array_over_lines[lines[1]].append(rounds[array][-1] / rounds[lines][-1])
+                array_over_lines_cpu[lines[1]].append(cpu_rounds[array][-1] / cpu_rounds[lines][-1])
+        names = {"medmoe": "medmoe preprocess, end to end", "megatron": "Megatron-LM tools/preprocess_data.py",
+                 "medmoe-json": "medmoe preprocess, end to end, the same records as one JSON array"}
+        short = {"medmoe": "medmoe preprocess", "megatron": "Megatron-LM",
+                 "medmoe-json": "medmoe preprocess (JSON array)"}
         top = statistics.median(rounds["limit"])
         print(f"\n| method | workers | tokens/s (median) | share of the limit (median, range) | by CPU time "
               f"(median, range) | peak memory |\n|---|---|---|---|---|---|\n"
               f"| limit: batched encode in memory, nothing read or written | all cores | {top:,.0f} | "
               f"100% ({min(rounds['limit']):,.0f}-{max(rounds['limit']):,.0f} tokens/s) | 100% | |")
-        for tool, workers in sorted(methods, key=lambda m: (m[0] != "megatron", m[1])):
+        for tool, workers in sorted(methods, key=lambda m: (["megatron", "medmoe", "medmoe-json"].index(m[0]), m[1])):
             shares, cpus = rounds[(tool, workers)], cpu_rounds[(tool, workers)]
             share = statistics.median(shares)
             print(f"| {names[tool]} | {workers} | {share * top:,.0f} | {share:.0%} "
@@ -267,9 +298,18 @@ def main():
         print(f"The .bin/.idx of every run against medmoe preprocess with {args.workers[0]} worker(s), byte for "
               "byte: " + ", ".join(f"{short[t]} with {w}: {'identical' if same else 'DIFFERENT'}"
                         for (t, w), same in identical.items()))
+        for what, ratios in (("tokens/s", array_over_lines), ("by CPU time", array_over_lines_cpu)):
+            print(f"JSON array against JSONL, the same records, {what} in the same round (median, range; target: at "
+                  "least 90%): " + ", ".join(f"{w} worker(s) {statistics.median(r):.0%} ({min(r):.0%}-{max(r):.0%})"
+                                             for w, r in ratios.items()))
         _, peak_half, _, _ = ours(tok, half, 1, os.path.join(work, "half"))
         print(f"Peak memory of medmoe preprocess (1 worker): {peak_half:,.0f} MiB on {args.size_mb // 2} MB, "
               f"{peaks.get(('medmoe', 1), 0):,.0f} MiB on {args.size_mb} MB ({tokens:,} tokens).", flush=True)
+        if 1 in args.workers:
+            _, peak_quarter, _, _ = ours(tok, quarter_array, 1, os.path.join(work, "quarter"))
+            print(f"Peak memory of medmoe preprocess on the JSON array (1 worker): {peak_quarter:,.0f} MiB on "
+                  f"{os.path.getsize(quarter_array) / 1e6:.0f} MB, {peaks[('medmoe-json', 1)]:,.0f} MiB on "
+                  f"{os.path.getsize(full_array) / 1e6:.0f} MB.", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not args.skip_loader:

@@ -31,8 +31,9 @@ def _preprocess(args) -> int:
     return preprocess_command(PreprocessOptions(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, fmt=args.format,
         workers=args.workers, lang=args.lang, lang_field=args.lang_field, source_field=args.source_field,
-        text_field=args.text_field, language_table=args.language_table, on_error=args.on_error,
-        template=args.chat_template, chunk_bytes=args.chunk_bytes), quiet=args.quiet)
+        text_field=args.text_field, class_field=args.class_field, language_table=args.language_table,
+        on_error=args.on_error, template=args.chat_template, chunk_bytes=args.chunk_bytes,
+        input_format=args.input_format), quiet=args.quiet)
 
 
 def _submit(args) -> int:
@@ -106,11 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     pre = commands.add_parser(
-        "preprocess", help="JSONL corpora -> indexed datasets with a language per document",
-        description="Tokenize JSONL corpora into megatron-core indexed datasets (.bin/.idx) with a language and "
-                    "source per document, a JSON summary and a PNG chart of documents and tokens per language.")
+        "preprocess", help="corpora (JSONL, JSON arrays, Parquet) -> indexed datasets with a language per document",
+        description="Tokenize corpora into megatron-core indexed datasets (.bin/.idx) with a language, source and "
+                    "class per document, a JSON summary and a PNG chart of documents and tokens per language. "
+                    "Inputs: JSONL (one record per line), a JSON array of records (such as the ApolloMoE release's "
+                    "ApolloMoEDataset.json, streamed) or Parquet (as Hugging Face datasets export them), by "
+                    "extension or --input-format.")
     pre.add_argument("--input", action="append", required=True, metavar="FILE_OR_GLOB",
-                     help="JSONL file(s); repeat for more")
+                     help="input file(s): .jsonl (or .json-lines, .ndjson, any other extension), .json (one array of "
+                          "records), .parquet; repeat for more")
+    pre.add_argument("--input-format", choices=["jsonl", "json", "parquet"],
+                     help="read every input as this format instead of choosing by extension (e.g. jsonl for JSON Lines "
+                          "files named .json)")
     pre.add_argument("--tokenizer", required=True, metavar="DIR", help="a Hugging Face tokenizer directory")
     pre.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, ...")
     pre.add_argument("--format", choices=["text", "chat"], default="text",
@@ -122,9 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="record field naming the source, e.g. medicalExam_sw: its second _ field is the language "
                           "when there is no language field (default source; else the file name)")
     pre.add_argument("--text-field", default="text", help="record field holding raw text (default text)")
+    pre.add_argument("--class-field", default="class",
+                     help="record field holding the record's class, counted per class (the ApolloMoE release: "
+                          "major or minor; default class; records without it are unclassified)")
     pre.add_argument("--language-table", default="families", help="families, languages12 or a YAML table path")
     pre.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                     help="fail: stop at the first bad record with file:line; skip: count it by reason and go on")
+                     help="fail: stop at the first bad record with file:line (file: item N in a JSON array, file: row N "
+                          "in Parquet); skip: count it by reason and go on. A broken JSON array (cut short, not an "
+                          "array) always stops")
     pre.add_argument("--chat-template", choices=["apollo", "tokenizer"], default="apollo",
                      help="apollo: User:{q}\\nAssistant:{a}<|endoftext|>; tokenizer: the tokenizer's chat template")
     pre.add_argument("--chunk-bytes", type=int, default=8 << 20,

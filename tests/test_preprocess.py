@@ -104,7 +104,7 @@ def test_a_second_run_replaces_the_dataset(tmp_path):
     _, summary = preprocess(tmp_path, ['{"text": "Second.", "lang": "sw"}'], name="other.jsonl")
     assert [len(d) for d in documents(prefix)] == [summary["tokens"]] and summary["languages"] == ["sw"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == \
-        ["out.bin", "out.idx", "out.json", "out.lang.npy", "out.png", "out.source.npy"]
+        ["out.bin", "out.class.npy", "out.idx", "out.json", "out.lang.npy", "out.png", "out.source.npy"]
 
 
 def test_text_documents_with_languages(tmp_path):
@@ -233,16 +233,16 @@ def test_ambiguous_language_code_is_a_bad_record(tmp_path):
 
 
 def test_chunks_split_at_line_ends(tmp_path):
-    from megatron_medmoe.data.preprocess import _chunks
+    from megatron_medmoe.data.inputs import line_chunks
 
     path = tmp_path / "c.jsonl"
     lines = [b"a" * n + b"\n" for n in (3, 10, 1, 40, 2)] + [b"tail-without-newline"]
     path.write_bytes(b"".join(lines))
-    chunks = list(_chunks([str(path)], chunk_bytes=8))
+    chunks = list(line_chunks(str(path), chunk_bytes=8))
     data = path.read_bytes()
-    assert b"".join(data[s:e] for _, s, e, _ in chunks) == data
-    assert all(data[s:e].endswith(b"\n") for _, s, e, _ in chunks[:-1])
-    assert [first for *_, first in chunks] == [1 + data[:s].count(b"\n") for _, s, _, _ in chunks]
+    assert b"".join(data[c.start:c.end] for c in chunks) == data
+    assert all(data[c.start:c.end].endswith(b"\n") for c in chunks[:-1])
+    assert [c.first_line for c in chunks] == [1 + data[:c.start].count(b"\n") for c in chunks]
 
 
 def test_line_numbers_count_blank_lines(tmp_path):
@@ -280,7 +280,7 @@ def test_two_workers_write_the_same_bytes(tmp_path):
                                          output_prefix=prefix, fmt="chat", workers=workers, chunk_bytes=1000),
                        progress=False)
         outputs.append([open(prefix + ext, "rb").read() for ext in
-                        (".bin", ".idx", ".loss_mask.bin", ".lang.npy", ".source.npy")])
+                        (".bin", ".idx", ".loss_mask.bin", ".lang.npy", ".source.npy", ".class.npy")])
     assert outputs[0] == outputs[1]
 
 

@@ -22,6 +22,7 @@ from .tokenizer import END_OF_TEXT
 _ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
             "bot": "assistant", "model": "assistant"}
 TEMPLATES = ("apollo", "tokenizer")
+CONVERSATION_FIELDS = ("conversations", "messages")  # the record fields conversation_turns reads
 
 
 class ChatRecordError(ValueError):
@@ -35,7 +36,8 @@ class Turn:
 
 
 def conversation_turns(record: dict) -> List[Turn]:
-    if "conversations" in record:
+    # null counts as absent: a Parquet file that holds both forms has nulls where a row has the other one
+    if record.get("conversations") is not None:
         items, turns = record["conversations"], []
         if not isinstance(items, list):
             raise ChatRecordError('"conversations" must be a list of {"value": ...} turns')
@@ -47,7 +49,7 @@ def conversation_turns(record: dict) -> List[Turn]:
             if role is None:
                 raise ChatRecordError(f"conversation turn {i}: unknown speaker {speaker!r}")
             turns.append(Turn(role, item["value"]))
-    elif "messages" in record:
+    elif record.get("messages") is not None:
         items, turns = record["messages"], []
         if not isinstance(items, list):
             raise ChatRecordError('"messages" must be a list of {"role": ..., "content": ...}')

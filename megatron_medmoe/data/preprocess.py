@@ -1,18 +1,21 @@
-"""`medmoe preprocess`: JSONL corpora -> megatron-core indexed datasets with a language per document.
+"""`medmoe preprocess`: corpora (JSONL, JSON arrays, Parquet) -> megatron-core indexed datasets with a language
+per document.
 
 Output, all under --output-prefix:
   PREFIX.bin / PREFIX.idx              tokens, one sequence per document (megatron-core's format)
   PREFIX.loss_mask.bin / .idx          chat only: 1 where the token carries loss (answers, end-of-text)
   PREFIX.lang.npy / PREFIX.source.npy  per document: index into the summary's `languages` / `sources`
-  PREFIX.json                          summary: counts per language and family, skipped records by reason
+  PREFIX.class.npy                     per document: index into the summary's `classes` (null: no class given)
+  PREFIX.json                          summary: counts per language, family and class, skipped records by reason
   PREFIX.png                           documents and tokens per language and per family
 Nothing is under the prefix until everything is complete: the files are written aside (unnamed where the
 file system allows, see data/indexed.py's ScratchFile) and put in place at the end, the old PREFIX.json
 removed first and the new one last.
 
-Lines are read in chunks; each chunk is parsed, tokenized (the fast tokenizer's batched encode) and turned
-into arrays, then written in input order, with a bounded number of chunks in flight, so memory does not
-grow with the corpus. With one worker this happens in this process, the encode of one chunk (which runs in
+Input files are read in chunks of records (data/inputs.py: line ranges, runs of a JSON array's items, Parquet
+row batches); each chunk is parsed, tokenized (the fast tokenizer's batched encode) and turned into arrays,
+then written in input order, with a bounded number of chunks in flight, so memory does not grow with the
+corpus. With one worker this happens in this process, the encode of one chunk (which runs in
 Rust on every core) overlapping the parsing of the next; with more, each worker process does all of it on
 one core while this process reads and writes.
 
@@ -23,7 +26,6 @@ Workers die with this process however it ends (a parent-death signal), SIGKILL i
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
 import glob
 import itertools
@@ -47,11 +49,13 @@ from ..runtime.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INPUT, EXIT_OK
 from ..runtime.lifeline import die_with_parent
 from .chat import TEMPLATES, loss_mask_from_offsets
 from .indexed import ScratchFile, StreamingArrayWriter, StreamingIndexedWriter, token_dtype
+from .inputs import INPUT_FORMATS, BrokenInput, Chunk, chunks
 from .records import FORMATS, RecordError, RecordParser
 from .tokenizer import FastTokenizer, load_fast_tokenizer, load_tokenizer
 
 SUMMARY_VERSION = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MAX_NAMES = int(np.iinfo(np.uint16).max) + 1  # distinct languages, sources or classes: PREFIX.*.npy are uint16
 
 
 class PreprocessError(ValueError):
@@ -139,14 +143,18 @@ class PreprocessOptions:
     lang_field: str = "lang"
     source_field: str = "source"
     text_field: str = "text"
+    class_field: str = "class"
     language_table: str = "families"
     on_error: str = "fail"
     template: str = "apollo"
-    chunk_bytes: int = 2 << 20  # input read, parsed and tokenized per task (line-aligned)
+    chunk_bytes: int = 2 << 20  # input read, parsed and tokenized per task (whole records)
+    input_format: Optional[str] = None  # jsonl | json | parquet for every input; None: by each file's extension
 
     def check(self) -> None:
         if self.fmt not in FORMATS:
             raise PreprocessUsageError(f"--format must be one of {FORMATS}, got {self.fmt!r}")
+        if self.input_format is not None and self.input_format not in INPUT_FORMATS:
+            raise PreprocessUsageError(f"--input-format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
         if self.on_error not in ("fail", "skip"):
             raise PreprocessUsageError(f"--on-error must be fail or skip, got {self.on_error!r}")
         if self.template not in TEMPLATES:
@@ -162,10 +170,12 @@ class ChunkResult:
     loss_mask: Optional[np.ndarray]
     langs: List[str] = field(default_factory=list)
     sources: List[str] = field(default_factory=list)
-    errors: List[Tuple[str, int, str, str]] = field(default_factory=list)  # path, line, reason, message
+    classes: List[Optional[str]] = field(default_factory=list)
+    errors: List[Tuple[str, str, str]] = field(default_factory=list)  # where (file:line, file: item N), reason, message
     path: str = ""
-    lines: int = 0  # non-blank lines read
+    items: int = 0  # records read (non-blank lines, array items, rows)
     normalised: Counter = field(default_factory=Counter)  # (code as written, the table's code) -> documents
+    failure: Optional[str] = None  # the input's structure broke after these records: the run ends
 
 
 # ---- the three stages of a chunk: parse (Python), encode (Rust, releases the GIL), finish (arrays)
@@ -182,7 +192,8 @@ def _init_stages(options: PreprocessOptions, tokenizer: FastTokenizer, parallel_
         eod=tokenizer.end_of_text_id,
         parser=RecordParser(options.fmt, load_registry(options.language_table), options.lang, options.lang_field,
                             options.source_field, options.text_field, options.template,
-                            load_tokenizer(options.tokenizer) if options.template == "tokenizer" else None),
+                            load_tokenizer(options.tokenizer) if options.template == "tokenizer" else None,
+                            options.class_field),
     )
 
 
@@ -283,31 +294,31 @@ class _Workers:
 @dataclass
 class _Parsed:
     records: list
-    errors: List[Tuple[str, int, str, str]]
-    lines: int  # non-blank lines read
+    errors: List[Tuple[str, str, str]]
+    items: int  # records read
     path: str
-
-
-Chunk = Tuple[str, int, int, int]  # file, first byte, end byte, number of the first line
+    failure: Optional[str] = None
 
 
 def _parse(chunk: Chunk) -> _Parsed:
-    path, start, end, first_line = chunk
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    if start == 0:  # a byte-order mark alone is an empty file, not a malformed record
-        data = data.removeprefix(codecs.BOM_UTF8)
+    parsed = _Parsed([], [], 0, chunk.path)
+    if isinstance(chunk, BrokenInput):
+        parsed.failure = chunk.message
+        return parsed
     parser: RecordParser = _STATE["parser"]
-    parsed = _Parsed([], [], 0, path)
-    for number, raw in enumerate(data.split(b"\n"), start=first_line):
-        if not raw.strip():
-            continue
-        parsed.lines += 1
+    for number, item in chunk.items():
+        parsed.items += 1
         try:
-            parsed.records.append(parser.parse(raw, path))
+            if isinstance(item, RecordError):  # a row the reader could not decode
+                raise item
+            parsed.records.append(parser.parse(item, chunk.path) if isinstance(item, bytes)
+                                  else parser.parse_object(item, chunk.path))
         except RecordError as e:
-            parsed.errors.append((path, number, e.reason, str(e)))
+            if e.reason in chunk.fatal:  # e.g. a JSON array's item that is not JSON: its bounds are doubtful
+                parsed.failure = (f"{chunk.where(number)}: {e}; the array's structure is broken here, so it cannot "
+                                  "be read on (nor this item skipped)")
+                break
+            parsed.errors.append((chunk.where(number), e.reason, str(e)))
     return parsed
 
 
@@ -322,7 +333,7 @@ def _encode(parsed: _Parsed):
 
 def _finish(parsed: _Parsed, encodings) -> ChunkResult:
     result = ChunkResult(np.empty(0, np.int32), np.empty(0, np.int32), None, errors=parsed.errors,
-                         path=parsed.path, lines=parsed.lines)
+                         path=parsed.path, items=parsed.items, failure=parsed.failure)
     if not encodings:
         return result
     ids = [e.ids for e in encodings]
@@ -340,6 +351,7 @@ def _finish(parsed: _Parsed, encodings) -> ChunkResult:
             dtype=np.uint8, count=flat.size)
     result.langs = [r.lang for r in parsed.records]
     result.sources = [r.source for r in parsed.records]
+    result.classes = [r.record_class for r in parsed.records]
     result.normalised.update((r.lang_given, r.lang) for r in parsed.records if r.lang_given is not None)
     return result
 
@@ -381,30 +393,21 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     return files
 
 
-def _chunks(files: List[str], chunk_bytes: int) -> Iterator[Chunk]:
-    """Line-aligned byte ranges of about `chunk_bytes` (a longer line is a range of its own)."""
-    for path in files:
-        with open(path, "rb") as f:
-            start, line = 0, 1
-            while True:
-                f.seek(start)
-                block = f.read(chunk_bytes)
-                if not block:
-                    break
-                if len(block) == chunk_bytes:  # not the end of the file: stop after the last whole line
-                    cut = block.rfind(b"\n")
-                    if cut >= 0:
-                        block = block[:cut + 1]
-                    else:  # no newline at all: read on to the end of this line
-                        while True:
-                            more = f.read(chunk_bytes)
-                            cut = more.find(b"\n")
-                            block += more if cut < 0 else more[:cut + 1]
-                            if not more or cut >= 0:
-                                break
-                yield path, start, start + len(block), line
-                line += block.count(b"\n")
-                start += len(block)
+class _Names:
+    """Distinct names (languages, sources, classes) in order of first appearance, as uint16 indices."""
+
+    def __init__(self, what: str, key: str):
+        self.what, self.key, self.index = what, key, {}
+
+    def indices(self, names) -> List[int]:
+        out = [self.index.setdefault(name, len(self.index)) for name in names]
+        if len(self.index) > MAX_NAMES:
+            raise PreprocessError(f"more than {MAX_NAMES:,} distinct {self.what} (PREFIX.{self.key}.npy holds uint16 "
+                                  f"indices): does --{self.key}-field name a field that differs per record?")
+        return out
+
+    def names(self) -> list:
+        return list(self.index)
 
 
 class _Progress:
@@ -435,58 +438,62 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
     prefix = options.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     scratch: list = []  # everything written aside, discarded unless all of it is put in place
-    languages: Dict[str, int] = {}
-    sources: Dict[str, int] = {}
+    languages, sources, classes = _Names("languages", "lang"), _Names("sources", "source"), _Names("classes", "class")
     per_lang_docs, per_lang_tokens, skipped, normalised = Counter(), Counter(), Counter(), Counter()
+    per_class_docs, per_class_tokens = Counter(), Counter()
     examples: Dict[str, str] = {}
     meter = _Progress(progress)
     workers = None
     try:
         writers = {"tokens": StreamingIndexedWriter(prefix, token_dtype(vocab_size))}
         scratch.append(writers["tokens"])
-        for key, path in (("lang", prefix + ".lang.npy"), ("source", prefix + ".source.npy")):
+        for key in ("lang", "source", "class"):
+            path = f"{prefix}.{key}.npy"
             writers[key] = StreamingArrayWriter(path, np.uint16)
             scratch.append(writers[key])
         if options.fmt == "chat":
             writers["loss_mask"] = StreamingIndexedWriter(prefix + ".loss_mask", np.uint8)
             scratch.append(writers["loss_mask"])
-        chunks = _chunks(files, options.chunk_bytes)
+        _init_stages(options, tokenizer, parallel_tokenizer=options.workers == 1)
+        inputs = chunks(files, options.chunk_bytes, options.input_format, _STATE["parser"].fields)
         if options.workers > 1:
             # forked workers inherit the loaded tokenizer and parser (the tokenizer's thread pool has not
             # run in this process yet, so forking is safe). They are forked by this (the main) thread, whose
             # end is what the parent-death signal watches.
-            _init_stages(options, tokenizer, parallel_tokenizer=False)
             workers = _Workers(options.workers)
-            results = workers.map(chunks, window=4 * options.workers)
+            results = workers.map(inputs, window=4 * options.workers)
         else:
-            _init_stages(options, tokenizer, parallel_tokenizer=True)
-            results = _pipelined(chunks)
+            results = _pipelined(inputs)
         # matplotlib takes most of a second to import: import it while the tokenizer runs rather than at the
         # end (and after forking: a child forked mid-import would find the import lock held)
         charting = threading.Thread(target=_import_chart_backend, name="medmoe-chart-import", daemon=True)
         charting.start()
-        lines_per_file = Counter()
+        items_per_file = Counter()
         for result in results:
             _STOP.check()
-            lines_per_file[result.path] += result.lines
-            for path, line, reason, message in result.errors:
+            items_per_file[result.path] += result.items
+            for where, reason, message in result.errors:
                 if options.on_error == "fail":
-                    raise PreprocessError(f"{path}:{line}: {message}")
+                    raise PreprocessError(f"{where}: {message}")
                 skipped[reason] += 1
-                examples.setdefault(reason, f"{path}:{line}: {message}")
-            if result.lengths.size == 0:
-                continue
-            writers["tokens"].add_documents(result.tokens, result.lengths)
-            if "loss_mask" in writers:
-                writers["loss_mask"].add_documents(result.loss_mask, result.lengths)
-            writers["lang"].add([languages.setdefault(code, len(languages)) for code in result.langs])
-            writers["source"].add([sources.setdefault(name, len(sources)) for name in result.sources])
-            for code, n in zip(result.langs, result.lengths.tolist()):
-                per_lang_docs[code] += 1
-                per_lang_tokens[code] += n
-            normalised.update(result.normalised)
+                examples.setdefault(reason, f"{where}: {message}")
+            if result.lengths.size:
+                writers["tokens"].add_documents(result.tokens, result.lengths)
+                if "loss_mask" in writers:
+                    writers["loss_mask"].add_documents(result.loss_mask, result.lengths)
+                writers["lang"].add(languages.indices(result.langs))
+                writers["source"].add(sources.indices(result.sources))
+                writers["class"].add(classes.indices(result.classes))
+                for code, name, n in zip(result.langs, result.classes, result.lengths.tolist()):
+                    per_lang_docs[code] += 1
+                    per_lang_tokens[code] += n
+                    per_class_docs[name] += 1
+                    per_class_tokens[name] += n
+                normalised.update(result.normalised)
+            if result.failure is not None:  # after this chunk's records, which may hold an earlier error
+                raise PreprocessError(result.failure)
             meter.update(writers["tokens"].documents, writers["tokens"].tokens)
-        for path in (f for f in files if lines_per_file[f] == 0):
+        for path in (f for f in files if items_per_file[f] == 0):
             if options.on_error == "fail":
                 raise PreprocessError(f"{path}: the input file is empty (no records)")
             skipped["empty_file"] += 1
@@ -496,9 +503,10 @@ def run_preprocess(options: PreprocessOptions, progress: bool = True) -> dict:
         meter.update(writers["tokens"].documents, writers["tokens"].tokens, final=True)
         for writer in writers.values():
             writer.finish()
-        summary = _summary(options, files, vocab_size, tokenizer.end_of_text_id, registry, list(languages),
-                           list(sources), per_lang_docs, per_lang_tokens, skipped, examples, normalised,
-                           writers["tokens"].documents, writers["tokens"].tokens, time.perf_counter() - meter.start)
+        summary = _summary(options, files, vocab_size, tokenizer.end_of_text_id, registry, languages.names(),
+                           sources.names(), classes.names(), per_lang_docs, per_lang_tokens, per_class_docs,
+                           per_class_tokens, skipped, examples, normalised, writers["tokens"].documents,
+                           writers["tokens"].tokens, time.perf_counter() - meter.start)
         charting.join()
         from .summary import write_chart
 
@@ -534,7 +542,7 @@ def _import_chart_backend() -> None:
 def _put_in_place(prefix: str, items: list) -> None:
     """Publish the output, PREFIX.json (what makes a dataset complete) last."""
     names = [prefix + ext for ext in (".json", ".bin", ".idx", ".loss_mask.bin", ".loss_mask.idx", ".lang.npy",
-                                      ".source.npy", ".png")]
+                                      ".source.npy", ".class.npy", ".png")]
     try:
         if os.path.lexists(prefix + ".json"):  # an older dataset here is incomplete from now on
             os.remove(prefix + ".json")
@@ -547,8 +555,8 @@ def _put_in_place(prefix: str, items: list) -> None:
         raise
 
 
-def _summary(options, files, vocab_size, eod, registry, languages, sources, docs, tokens, skipped, examples,
-             normalised, n_docs, n_tokens, seconds) -> dict:
+def _summary(options, files, vocab_size, eod, registry, languages, sources, classes, docs, tokens, class_docs,
+             class_tokens, skipped, examples, normalised, n_docs, n_tokens, seconds) -> dict:
     per_family_docs, per_family_tokens = Counter(), Counter()
     for code in languages:
         family = registry.language(code).family
@@ -572,6 +580,10 @@ def _summary(options, files, vocab_size, eod, registry, languages, sources, docs
                                 "documents": docs[code], "tokens": tokens[code]} for code in languages},
         "per_family": {fam: {"documents": per_family_docs[fam], "tokens": per_family_tokens[fam]}
                        for fam in sorted(per_family_docs, key=lambda f: -per_family_tokens[f])},
+        "classes": classes,  # null: the documents whose record has no class field
+        "per_class": {name: {"documents": class_docs[name], "tokens": class_tokens[name]}
+                      for name in classes if name is not None},
+        "unclassified": {"documents": class_docs[None], "tokens": class_tokens[None]},
         "skipped": dict(skipped),
         "skipped_examples": examples,
         # language codes written otherwise than the table writes them: as written -> table code, documents

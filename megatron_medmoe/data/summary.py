@@ -1,4 +1,4 @@
-"""What preprocessing read: a table per language and per family, and the same as a PNG bar chart."""
+"""What preprocessing read: a table per language, per family and per class, and a PNG bar chart of the first two."""
 from __future__ import annotations
 
 from typing import BinaryIO, List, Union
@@ -16,6 +16,13 @@ def summary_table(summary: dict) -> str:
     for family, v in summary["per_family"].items():
         lines.append(f"{family:<{width + 6}} {'':<14} {v['documents']:>10,} {v['tokens']:>12,}")
     lines.append(f"{'total':<{width + 6}} {'':<14} {summary['documents']:>10,} {summary['tokens']:>12,}")
+    per_class = summary.get("per_class") or {}  # absent from summaries of older versions
+    if per_class:
+        lines.append("")
+        lines.append(f"{'class':<{width + 6}} {'':<14} {'documents':>10} {'tokens':>12}")
+        unclassified = summary["unclassified"]
+        for name, v in [*per_class.items(), *([("unclassified", unclassified)] if unclassified["documents"] else [])]:
+            lines.append(f"{name:<{width + 6}} {'':<14} {v['documents']:>10,} {v['tokens']:>12,}")
     normalised = summary.get("normalised_languages") or {}  # absent from summaries of older versions
     if normalised:
         lines.append("")
