@@ -101,17 +101,22 @@ class Scores(SourceTotals):
         return "\n".join(out)
 
 
+def check_predictions(ids: Sequence[str], predictions: Mapping[str, Optional[str]], what: str) -> None:
+    """ValueError unless there is exactly one prediction (a letter or None) for each id."""
+    known = set(ids)
+    missing = [i for i in ids if i not in predictions]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} {what}(s), e.g. {missing[:3]}; "
+                         f"give None for a {what} whose answer letter was not found")
+    unknown = [i for i in predictions if i not in known]
+    if unknown:
+        raise ValueError(f"predictions for {len(unknown)} id(s) not among the {what}s, e.g. {unknown[:3]}")
+
+
 def score(questions: Sequence[Scored], predictions: Mapping[str, Optional[str]],
           language_table: str = "families") -> Scores:
     """Score the predicted letters (by question id; None: no letter found) against the answers."""
-    qids = {q.qid for q in questions}
-    missing = [q.qid for q in questions if q.qid not in predictions]
-    if missing:
-        raise ValueError(f"no prediction for {len(missing)} question(s), e.g. {missing[:3]}; "
-                         "give None for a question whose answer letter was not found")
-    unknown = [qid for qid in predictions if qid not in qids]
-    if unknown:
-        raise ValueError(f"predictions for {len(unknown)} id(s) not among the questions, e.g. {unknown[:3]}")
+    check_predictions([q.qid for q in questions], predictions, "question")
 
     counts: Dict[str, List[int]] = {}  # source -> [questions, correct, unanswered]
     lang_of: Dict[str, str] = {}

@@ -24,7 +24,7 @@ from statistics import mean
 from typing import Dict, List, Mapping, Optional
 
 from ...languages import LanguageTableError, load_registry
-from ..scoring import SourceTotals
+from ..scoring import SourceTotals, check_predictions
 from .prompts import DroppedQuestion, ReleasePromptSet
 from .tables import minor_language_codes, source_table
 
@@ -132,14 +132,7 @@ def score_release(prompt_set: ReleasePromptSet, predictions: Mapping[str, Option
                   language_table: str = "families") -> ReleaseScores:
     """Score the letters the release's extraction read (by prompt id; None: no letter) the release's way."""
     prompts = prompt_set.prompts
-    ids = {p.qid for p in prompts}
-    missing = [p.qid for p in prompts if p.qid not in predictions]
-    if missing:
-        raise ValueError(f"no prediction for {len(missing)} prompt(s), e.g. {missing[:3]}; "
-                         "give None for a prompt whose answer letter was not found")
-    unknown = [qid for qid in predictions if qid not in ids]
-    if unknown:
-        raise ValueError(f"predictions for {len(unknown)} id(s) not among the prompts, e.g. {unknown[:3]}")
+    check_predictions([p.qid for p in prompts], predictions, "prompt")
 
     counts: Dict[str, List[int]] = {}  # source -> [questions, correct, unanswered]
     first_correct: List[str] = []  # the order of the release's score.json
