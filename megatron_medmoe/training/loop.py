@@ -38,7 +38,7 @@ from .optimizer import build_optimizer, build_scheduler, current_lr, step_if_fin
 from .signals import process_stop_request
 from .step import make_forward_step, sum_reports
 from .mcq_dev import open_mcq_dev
-from .validation import Validator
+from .validation import Validator, weights_gathered
 
 
 def wrap_ddp(chunks, cfg: RunConfig, on_gpu: bool):
@@ -158,17 +158,8 @@ def _train(cfg: RunConfig) -> int:
     def save() -> Optional[str]:
         if not cfg.checkpoint.save:
             return None
-        if not cfg.parallel.overlap_param_gather:
+        with weights_gathered(model, cfg.parallel.overlap_param_gather):  # a save holds the updated weights
             return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
-        # the model's weights lag the optimizer's step until the next forward pass gathers them: gather them now
-        # (disabling the hooks syncs), save, then let the next forward pass overlap again (as Megatron-LM does)
-        for chunk in model:
-            chunk.disable_forward_pre_hook()
-        try:
-            return save_checkpoint(cfg.checkpoint.save, state, models, cfg, optimizer, scheduler)
-        finally:
-            for chunk in model:
-                chunk.enable_forward_pre_hook()
 
     evaluated_at = {}  # "validation" / "mcq_dev" -> the step it last ran after
 

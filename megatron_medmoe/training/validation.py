@@ -25,24 +25,36 @@ from .step import sum_reports
 
 
 @contextlib.contextmanager
+def weights_gathered(model: List, gathers_params: bool):
+    """With parallel.overlap_param_gather the weights lag the optimizer's step until the next forward pass's
+    pre-hooks gather them: disabling the hooks gathers them now; the next training forward overlaps again (as
+    Megatron-LM does around its saves and evaluations)."""
+    if gathers_params:
+        for chunk in model:
+            chunk.disable_forward_pre_hook()
+    try:
+        yield
+    finally:
+        if gathers_params:
+            for chunk in model:
+                chunk.enable_forward_pre_hook()
+
+
+@contextlib.contextmanager
 def evaluating(model: List, models: List, gathers_params: bool):
-    """The DDP-wrapped chunks in eval mode with the weights gathered (parallel.overlap_param_gather: they lag the
-    optimizer until a forward pre-hook gathers them), the routers' training statistics set aside; all restored."""
+    """The DDP-wrapped chunks in eval mode with the weights gathered, the routers' training statistics set aside;
+    all restored."""
     routers = [m for c in models for m in c.modules() if isinstance(m, FamilyRouter)]
     kept = [router.stats for router in routers]
     for router in routers:
         router.stats = RoutingStats(router.num_experts)
     for chunk in model:
         chunk.eval()
-        if gathers_params:
-            chunk.disable_forward_pre_hook()
     try:
-        with torch.no_grad():
+        with weights_gathered(model, gathers_params), torch.no_grad():
             yield
     finally:
         for chunk in model:
-            if gathers_params:
-                chunk.enable_forward_pre_hook()
             chunk.train()
         for router, stats in zip(routers, kept):
             router.stats = stats
